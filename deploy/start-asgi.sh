@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# One Daphne process, serving the ASGI half. The native runtime (supervisord) and the image run this
+# same file. Daphne's access log writes HTTP query strings, where a session key may be, so it goes
+# to /dev/null (it is on by default); nginx keeps the access log, without query strings.
+set -o errexit -o pipefail -o nounset
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD"
+exec daphne \
+  --bind "$BIND_ADDRESS" --port "$DAPHNE_PORT" \
+  --proxy-headers \
+  --access-log /dev/null \
+  --ping-interval 20 --ping-timeout 30 \
+  --websocket-max-message-size "${WS_MAX_MESSAGE_SIZE:-65536}" \
+  asgi_site.asgi:application

@@ -1,0 +1,90 @@
+"""
+Settings both halves share: one secret, one database, one session store, one channel
+layer, and the topology. wsgi_site.settings and asgi_site.settings import this and
+add only what their half needs.
+"""
+
+import environ
+from django.core.exceptions import ImproperlyConfigured
+
+from .topology import ROOT, TOPOLOGY
+
+env = environ.Env()
+
+SECRET_KEY = env.str("SECRET_KEY", default="")
+if not SECRET_KEY:
+    raise ImproperlyConfigured(
+        "SECRET_KEY is not set. `make up-cross-domain` makes one under STATE_DIR; "
+        "elsewhere export SECRET_KEY (and keep it out of the repository)."
+    )
+# Old keys still accepted for sessions and signatures, newest first, so a rotation
+# does not log everyone out.
+SECRET_KEY_FALLBACKS = env.list("SECRET_KEY_FALLBACKS", default=[])
+DEBUG = env.bool("DJANGO_DEBUG", default=False)
+
+# localhost is for health checks made from beside the server, not through nginx.
+ALLOWED_HOSTS = [TOPOLOGY.app_host, TOPOLOGY.realtime_host, "localhost", "127.0.0.1"]
+
+DATABASES = {
+    "default": env.db(
+        "DATABASE_URL", default=f"sqlite:///{TOPOLOGY.state_dir / 'db.sqlite3'}"
+    )
+}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # Gunicorn workers and Daphne processes write to one file: WAL lets readers
+    # run beside a writer, IMMEDIATE makes writers queue instead of failing.
+    DATABASES["default"]["OPTIONS"] = {
+        "init_command": "PRAGMA journal_mode=WAL;",
+        "transaction_mode": "IMMEDIATE",
+        "timeout": 20,
+    }
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+INSTALLED_APPS = [
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+]
+
+# One session store, in the shared database, read by Gunicorn and Daphne alike.
+SESSION_ENGINE = "django.contrib.sessions.backends.db"
+SESSION_COOKIE_DOMAIN = env.str("SESSION_COOKIE_DOMAIN", default=None)
+SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = TOPOLOGY.scheme == "https"
+CSRF_TRUSTED_ORIGINS = [TOPOLOGY.app_origin]
+# TLS ends at the proxy; it says so in X-Forwarded-Proto.
+SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+
+REDIS_URL = env.str("REDIS_URL", default=TOPOLOGY.redis_url)
+CHANNEL_LAYERS = {
+    "default": {
+        "BACKEND": "channels_redis.core.RedisChannelLayer",
+        "CONFIG": {"hosts": [REDIS_URL]},
+    }
+}
+
+# The WebSocket side of the topology.
+WS_ALLOWED_ORIGINS = TOPOLOGY.allowed_origins
+WS_ALLOW_MISSING_ORIGIN = env.bool("WS_ALLOW_MISSING_ORIGIN", default=False)
+WS_SESSION_KEY_FALLBACK = env.bool("WS_SESSION_KEY_FALLBACK", default=True)
+WS_SESSION_KEY_PARAM = env.str("WS_SESSION_KEY_PARAM", default="session_key")
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+]
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_TZ = True
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["stderr"], "level": "WARNING"},
+    "loggers": {
+        "asgi_site": {"level": env.str("LOG_LEVEL", default="INFO")},
+        "wsgi_site": {"level": env.str("LOG_LEVEL", default="INFO")},
+    },
+}
+
+BASE_DIR = ROOT

@@ -1,0 +1,16 @@
+"""Settings for the unit tests: both halves' apps in one process, an in-memory channel layer."""
+
+import os
+import tempfile
+
+# The topology and the settings core read these at import, so set them first.
+os.environ.setdefault("SECRET_KEY", "unit-tests-only-not-a-secret")
+os.environ.setdefault("STATE_DIR", tempfile.mkdtemp(prefix="split-unit-"))
+os.environ.setdefault("SPLIT_MODE", "cross-domain")
+
+from wsgi_site.settings import *  # noqa: E402,F403
+from wsgi_site.settings import INSTALLED_APPS  # noqa: E402
+
+INSTALLED_APPS = INSTALLED_APPS + ["channels"]
+CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]  # fast, tests only

@@ -1,0 +1,163 @@
+"""
+A real stack for tests: the native runtime (deploy/native.py, what `make up-*` runs) with
+its own ports and STATE_DIR, plus the clients a browser would be: requests for pages,
+websockets for sockets, each naming the host in the URL and connecting to 127.0.0.1.
+"""
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import requests
+import websockets
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO_USER, DEMO_PASSWORD = "demo", "demo-pass"
+
+
+class Stack:
+    def __init__(self, mode, base_port, state_dir, asgi_processes=2, extra_env=None):
+        self.mode = mode
+        self.state_dir = Path(state_dir)
+        self.public_port = base_port
+        self.gunicorn_port = base_port + 1
+        self.daphne_ports = [base_port + 10 + i for i in range(asgi_processes)]
+        self.redis_port = base_port + 20
+        self.app_host = "app.localhost"
+        self.realtime_host = "realtime.localhost" if mode == "cross-domain" else "app.localhost"
+        self.env = dict(
+            os.environ,
+            SPLIT_MODE=mode,
+            PUBLIC_PORT=str(self.public_port),
+            GUNICORN_PORT=str(self.gunicorn_port),
+            DAPHNE_PORT=str(self.daphne_ports[0]),
+            ASGI_PROCESSES=str(asgi_processes),
+            REDIS_PORT=str(self.redis_port),
+            STATE_DIR=str(self.state_dir),
+            **(extra_env or {}),
+        )
+        self.env.pop("SECRET_KEY", None)  # the runtime makes its own under STATE_DIR
+        self.process = None
+        self.output = []
+        self.secrets = set()  # every key or ticket a test sent: none may reach a log
+
+    @property
+    def app_origin(self):
+        return f"http://{self.app_host}:{self.public_port}"
+
+    @property
+    def realtime_origin(self):
+        return f"http://{self.realtime_host}:{self.public_port}"
+
+    def start(self, command=None, timeout=90):
+        command = command or [sys.executable, str(ROOT / "deploy" / "native.py")]
+        self.process = subprocess.Popen(
+            command, cwd=ROOT, env=self.env, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        )
+        ready = threading.Event()
+
+        def pump():
+            for line in self.process.stdout:
+                self.output.append(line)
+                if line.startswith("Ready:"):
+                    ready.set()
+
+        threading.Thread(target=pump, daemon=True).start()
+        deadline = time.monotonic() + timeout
+        while not ready.wait(0.2):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("stack did not start:\n" + "".join(self.output[-40:]))
+        return self
+
+    def stop(self, timeout=15):
+        """SIGTERM the runner, as Ctrl-C or a service manager would; return seconds taken."""
+        if self.process is None or self.process.poll() is not None:
+            return 0.0
+        began = time.monotonic()
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        return time.monotonic() - began
+
+    def leftover_processes(self):
+        """Processes still running that were started for this stack's STATE_DIR or ports."""
+        ps = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+        marks = [str(self.state_dir)] + [f"--port {p}" for p in self.daphne_ports]
+        marks += [f"--port {self.redis_port}", f"127.0.0.1:{self.gunicorn_port}"]
+        return [line for line in ps.splitlines() if any(mark in line for mark in marks)]
+
+    def log_text(self):
+        return "\n".join(p.read_text(errors="replace") for p in (self.state_dir / "log").glob("*"))
+
+    # HTTP, as the browser on APP_HOST.
+
+    def url(self, path):
+        return f"http://127.0.0.1:{self.public_port}{path}"
+
+    def http(self, session, method, path, host=None, **kwargs):
+        headers = {"Host": f"{host or self.app_host}:{self.public_port}", **kwargs.pop("headers", {})}
+        return session.request(method, self.url(path), headers=headers, allow_redirects=False,
+                               timeout=10, **kwargs)
+
+    def login(self, username=DEMO_USER, password=DEMO_PASSWORD):
+        """Log in through the real login form; return the requests session and its key."""
+        session = requests.Session()
+        page = self.http(session, "GET", "/accounts/login/")
+        token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page.text).group(1)
+        response = self.http(session, "POST", "/accounts/login/", data={
+            "username": username, "password": password, "csrfmiddlewaretoken": token})
+        assert response.status_code == 302, response.text
+        key = session.cookies["sessionid"]
+        self.secrets.add(key)
+        return session, key
+
+    def csrf_post(self, session, path, **kwargs):
+        token = session.cookies.get("csrftoken") or self._csrf_token(session)
+        return self.http(session, "POST", path, headers={"X-CSRFToken": token}, **kwargs)
+
+    def _csrf_token(self, session):
+        self.http(session, "GET", "/")
+        return session.cookies["csrftoken"]
+
+    # Sockets, as the browser would open them.
+
+    def ws_url(self, path, host=None):
+        return f"ws://{host or self.realtime_host}:{self.public_port}{path}"
+
+    def connect(self, path, host=None, origin=None, cookie=None, port=None, **kwargs):
+        """websockets.connect to `host` by name, through 127.0.0.1, with a browser's Origin."""
+        headers = {}
+        if cookie:
+            headers["Cookie"] = cookie
+        origin = self.app_origin if origin is None else origin
+        port = port or self.public_port
+        url = f"ws://{host or self.realtime_host}:{port}{path}"
+        return websockets.connect(
+            url, host="127.0.0.1", port=port, origin=origin or None,
+            additional_headers=headers, open_timeout=10, **kwargs,
+        )
+
+    def whoami(self, query="", **kwargs):
+        """Open /ws/whoami/ and return its frame, or the HTTP status that refused it."""
+
+        async def run():
+            path = "/ws/whoami/" + (f"?{query}" if query else "")
+            try:
+                async with self.connect(path, **kwargs) as ws:
+                    return json.loads(await asyncio.wait_for(ws.recv(), 10))
+            except websockets.InvalidStatus as exc:
+                return exc.response.status_code
+
+        return asyncio.run(run())

@@ -1,0 +1,107 @@
+"""The live feed consumer and the HTTP views, in process."""
+
+import json
+
+import pytest
+from asgiref.sync import async_to_sync
+from channels.testing import WebsocketCommunicator
+from django.contrib.auth import get_user_model
+from django.test import Client
+
+from asgi_site.asgi import application
+
+pytestmark = pytest.mark.django_db
+HEADERS = [(b"origin", b"http://app.localhost:8000")]
+
+
+@pytest.fixture
+def alice():
+    get_user_model().objects.create_user("alice", password="alice-pass")
+    client = Client()
+    client.login(username="alice", password="alice-pass")
+    return client
+
+
+def live_exchange(cookie, *frames):
+    """Connect two sockets to /ws/live/, send `frames` on the first, return what each got."""
+
+    async def run():
+        headers = HEADERS + ([(b"cookie", cookie.encode())] if cookie else [])
+        sender = WebsocketCommunicator(application, "/ws/live/", headers=headers)
+        watcher = WebsocketCommunicator(application, "/ws/live/", headers=HEADERS)
+        assert (await sender.connect())[0] and (await watcher.connect())[0]
+        got, seen = [], []
+        for frame in frames:
+            if isinstance(frame, bytes):
+                await sender.send_to(bytes_data=frame)
+            else:
+                await sender.send_to(text_data=frame)
+            got.append(await sender.receive_json_from())
+        while not await watcher.receive_nothing(timeout=0.2):
+            seen.append(await watcher.receive_json_from())
+        await sender.disconnect()
+        await watcher.disconnect()
+        return got, seen
+
+    return async_to_sync(run)()
+
+
+def test_logged_in_message_reaches_every_socket(alice):
+    got, seen = live_exchange(f"sessionid={alice.session.session_key}", json.dumps({"text": "hi"}))
+    expected = {"type": "message", "user": "alice", "text": "hi"}
+    assert got == [expected] and seen == [expected]
+
+
+def test_anonymous_message_gets_an_error_and_stays_connected():
+    got, seen = live_exchange(None, json.dumps({"text": "hi"}), json.dumps({"text": "again"}))
+    assert got == [{"type": "error", "error": "login required"}] * 2
+    assert seen == []
+
+
+@pytest.mark.parametrize(
+    "frame, error",
+    [("not json", "invalid JSON"), (b"\x00\x01", "text frames only"), ("[1, 2]", 'send {"text": "..."}'),
+     (json.dumps({"text": 5}), 'send {"text": "..."}'), (json.dumps({"text": "x" * 1001}), "text longer than 1000 characters")],
+)
+def test_bad_frames_get_an_error_frame(alice, frame, error):
+    got, seen = live_exchange(f"sessionid={alice.session.session_key}", frame)
+    assert got == [{"type": "error", "error": error}] and seen == []
+
+
+def test_announce_needs_login():
+    response = Client(enforce_csrf_checks=False).post("/announce/", {"text": "hi"})
+    assert response.status_code == 403
+    assert response.json() == {"error": "login required"}
+
+
+def test_announce_is_csrf_protected(alice):
+    strict = Client(enforce_csrf_checks=True)
+    strict.cookies = alice.cookies
+    assert strict.post("/announce/", {"text": "hi"}).status_code == 403
+
+
+@pytest.mark.parametrize("body", [{}, {"text": "   "}, {"text": "x" * 1001}])
+def test_announce_rejects_bad_text(alice, body):
+    response = alice.post("/announce/", json.dumps(body), content_type="application/json")
+    assert response.status_code == 400 and "error" in response.json()
+
+
+def test_announce_rejects_invalid_json(alice):
+    response = alice.post("/announce/", "{nope", content_type="application/json")
+    assert response.status_code == 400
+
+
+def test_announce_get_is_not_allowed(alice):
+    assert alice.get("/announce/").status_code == 405
+
+
+def test_home_shows_the_session_key_row_only_when_logged_in(alice):
+    anonymous = Client().get("/")
+    assert anonymous.status_code == 200 and b"?session_key=" not in anonymous.content
+    page = alice.get("/").content.decode()
+    assert f"?session_key={alice.session.session_key}" in page
+    assert "Realtime host, cookie only" in page
+
+
+def test_healthz():
+    assert Client().get("/healthz").json() == {"status": "ok"}

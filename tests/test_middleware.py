@@ -1,0 +1,191 @@
+"""The session-key fallback and the Origin check, through Channels' WebsocketCommunicator.
+
+Tests are sync and drive the socket with async_to_sync, so the middleware's database
+work runs on this thread, inside the test's transaction and its query counter.
+"""
+
+from datetime import timedelta
+
+import pytest
+from asgiref.sync import async_to_sync
+from channels.testing import WebsocketCommunicator
+from django.contrib.auth import get_user_model
+from django.contrib.sessions.models import Session
+from django.db import connection
+from django.test import Client
+from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
+
+from asgi_site.asgi import application
+
+APP_ORIGIN = b"http://app.localhost:8000"
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def session_key():
+    """The session key of a freshly logged-in user, as the HTTP side made it."""
+    get_user_model().objects.create_user("alice", password="alice-pass")
+    client = Client()
+    assert client.login(username="alice", password="alice-pass")
+    return client.session.session_key
+
+
+def whoami(query="", cookie=None, origin=APP_ORIGIN, path="/ws/whoami/"):
+    """Open a socket the way a browser would and return the whoami frame (None if refused)."""
+    headers = [(b"host", b"realtime.localhost:8000")]
+    if origin is not None:
+        headers.append((b"origin", origin))
+    if cookie is not None:
+        headers.append((b"cookie", cookie.encode()))
+
+    async def run():
+        url = f"{path}?{query}" if query else path
+        communicator = WebsocketCommunicator(application, url, headers=headers)
+        connected, _ = await communicator.connect()
+        if not connected:
+            return None
+        frame = await communicator.receive_json_from()
+        await communicator.disconnect()
+        return frame
+
+    return async_to_sync(run)()
+
+
+def test_cookie_authenticates(session_key):
+    assert whoami(cookie=f"sessionid={session_key}") == {
+        "type": "whoami", "user": "alice", "authenticated": True, "auth": "cookie",
+    }
+
+
+def test_session_key_authenticates_without_cookie(session_key):
+    frame = whoami(query=f"session_key={session_key}")
+    assert (frame["user"], frame["auth"]) == ("alice", "session_key")
+
+
+def test_no_cookie_no_key_is_anonymous():
+    assert whoami() == {"type": "whoami", "user": None, "authenticated": False, "auth": "none"}
+
+
+def test_cookie_wins_over_key(session_key):
+    frame = whoami(query=f"session_key={session_key}", cookie=f"sessionid={session_key}")
+    assert frame["auth"] == "cookie"
+
+
+def test_stale_cookie_does_not_hide_a_valid_key(session_key):
+    stale = "0" * 32  # well formed, no such session
+    frame = whoami(query=f"session_key={session_key}", cookie=f"sessionid={stale}")
+    assert (frame["user"], frame["auth"]) == ("alice", "session_key")
+
+
+def test_anonymous_cookie_session_does_not_hide_a_valid_key(session_key):
+    anonymous = Client()
+    anonymous.get("/accounts/login/")  # a session without a user, like a visitor's
+    session = anonymous.session
+    session["seen"] = True
+    session.save()
+    frame = whoami(query=f"session_key={session_key}", cookie=f"sessionid={session.session_key}")
+    assert frame["auth"] == "session_key"
+
+
+@pytest.mark.parametrize(
+    "bad_key",
+    ["abc", "A" * 32, "x" * 41, "0123456789abcdef0123456789abcdef%00", "ключ" * 8, "", "a b c d e f g h"],
+)
+def test_malformed_key_is_refused_before_any_query(bad_key):
+    with CaptureQueriesContext(connection) as queries:
+        frame = whoami(query=f"session_key={bad_key}")
+    assert frame["authenticated"] is False
+    assert [q["sql"] for q in queries] == []
+
+
+def test_well_formed_key_makes_one_query(session_key):
+    made_up = "q" * 32
+    with CaptureQueriesContext(connection) as queries:
+        whoami(query=f"session_key={made_up}")
+    assert len(queries) == 1 and "django_session" in queries[0]["sql"]
+
+
+def test_unknown_key_is_anonymous_and_creates_no_session(session_key):
+    made_up = "k" * 32
+    before = Session.objects.count()
+    assert whoami(query=f"session_key={made_up}")["authenticated"] is False
+    assert not Session.objects.filter(session_key=made_up).exists()
+    assert Session.objects.count() == before
+
+
+def test_expired_key_is_anonymous(session_key):
+    Session.objects.filter(session_key=session_key).update(
+        expire_date=timezone.now() - timedelta(seconds=1)
+    )
+    assert whoami(query=f"session_key={session_key}")["authenticated"] is False
+
+
+def test_key_of_an_anonymous_session_is_anonymous():
+    client = Client()
+    session = client.session
+    session["seen"] = True
+    session.save()
+    assert whoami(query=f"session_key={session.session_key}")["authenticated"] is False
+
+
+def test_repeated_key_is_refused(session_key):
+    query = f"session_key={session_key}&session_key={session_key}"
+    assert whoami(query=query)["authenticated"] is False
+
+
+def test_fallback_can_be_switched_off(session_key, settings):
+    settings.WS_SESSION_KEY_FALLBACK = False
+    assert whoami(query=f"session_key={session_key}")["authenticated"] is False
+
+
+def test_parameter_name_comes_from_settings(session_key, settings):
+    settings.WS_SESSION_KEY_PARAM = "sk"
+    assert whoami(query=f"session_key={session_key}")["authenticated"] is False
+    assert whoami(query=f"sk={session_key}")["auth"] == "session_key"
+
+
+def test_no_fixation_a_key_is_never_saved_or_adopted(session_key):
+    """A socket never writes a session: not for a made-up key, not for a real one."""
+    rows = set(Session.objects.values_list("session_key", "session_data", "expire_date"))
+    whoami(query="session_key=" + "f" * 32)
+    whoami(query=f"session_key={session_key}")
+    whoami(cookie="sessionid=" + "e" * 32)
+    assert set(Session.objects.values_list("session_key", "session_data", "expire_date")) == rows
+
+
+def test_refusal_is_logged_without_the_key(session_key, caplog):
+    made_up = "z" * 32
+    with caplog.at_level("INFO", logger="asgi_site"):
+        whoami(query=f"session_key={made_up}")
+        whoami(query="session_key=" + "Q" * 32)
+    assert "unknown, expired or anonymous session" in caplog.text
+    assert "malformed" in caplog.text
+    assert made_up not in caplog.text and "Q" * 32 not in caplog.text
+
+
+@pytest.mark.parametrize(
+    "origin",
+    [b"http://evil.test", b"null", b"http://app.localhost.evil.test:8000",
+     b"http://app.localhost:8001", b"https://app.localhost:8000", b"http://app.localhost:99999x"],
+)
+def test_foreign_origin_is_refused(origin):
+    assert whoami(origin=origin) is None
+
+
+def test_missing_origin_is_refused_by_default():
+    assert whoami(origin=None) is None
+
+
+def test_missing_origin_can_be_allowed(settings):
+    settings.WS_ALLOW_MISSING_ORIGIN = True
+    assert whoami(origin=None)["type"] == "whoami"
+
+
+def test_realtime_origin_is_allowed():
+    assert whoami(origin=b"http://realtime.localhost:8000")["type"] == "whoami"
+
+
+def test_unknown_path_is_refused():
+    assert whoami(path="/ws/nope/") is None

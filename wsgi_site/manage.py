@@ -1,0 +1,19 @@
+#!/usr/bin/env python
+"""Django's command-line utility for the WSGI half, which owns the migrations."""
+
+import os
+import sys
+from pathlib import Path
+
+
+def main():
+    # Both halves and shared_settings live in the repository root.
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "wsgi_site.settings")
+    from django.core.management import execute_from_command_line
+
+    execute_from_command_line(sys.argv)
+
+
+if __name__ == "__main__":
+    main()

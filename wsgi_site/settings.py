@@ -1,0 +1,40 @@
+"""Settings for the WSGI half: Gunicorn serving every page."""
+
+from shared_settings.base import *  # noqa: F403
+from shared_settings.base import BASE_DIR, INSTALLED_APPS, TOPOLOGY, env
+
+INSTALLED_APPS = INSTALLED_APPS + ["django.contrib.staticfiles", "wsgi_site"]
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+ROOT_URLCONF = "wsgi_site.urls"
+WSGI_APPLICATION = "wsgi_site.wsgi.application"
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+            ]
+        },
+    }
+]
+STATIC_URL = "static/"
+STATIC_ROOT = env.str("STATIC_ROOT", default=str(BASE_DIR / "var" / "static"))
+STORAGES = {
+    "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"}
+}
+LOGIN_REDIRECT_URL = LOGOUT_REDIRECT_URL = "/"
+
+# The demo panel's "straight to Daphne" row: only where Daphne's own port is
+# reachable from the browser (the native runtime), never behind compose.
+DEMO_DIRECT_DAPHNE = env.bool("DEMO_DIRECT_DAPHNE", default=False)
+DEMO_DAPHNE_PORT = TOPOLOGY.daphne_port
