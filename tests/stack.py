@@ -92,11 +92,11 @@ class Stack:
         return time.monotonic() - began
 
     def leftover_processes(self):
-        """Processes still running that were started for this stack's STATE_DIR or ports."""
-        ps = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
-        marks = [str(self.state_dir)] + [f"--port {p}" for p in self.daphne_ports]
-        marks += [f"--port {self.redis_port}", f"127.0.0.1:{self.gunicorn_port}"]
-        return [line for line in ps.splitlines() if any(mark in line for mark in marks)]
+        """Processes still alive in the stack's session: everything it started, workers too."""
+        ps = subprocess.run(["ps", "-eww", "-o", "pid=,sid=,args="], capture_output=True,
+                            text=True, check=True).stdout
+        rows = (line.split(None, 2) for line in ps.splitlines())
+        return [args for pid, sid, args in rows if int(sid) == self.process.pid]
 
     def log_text(self):
         return "\n".join(p.read_text(errors="replace") for p in (self.state_dir / "log").glob("*"))

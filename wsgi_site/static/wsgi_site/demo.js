@@ -8,7 +8,7 @@ const config = JSON.parse(document.getElementById("demo-config").textContent);
 function masked(url) {
   const u = new URL(url);
   for (const name of [config.secret_param, "ticket"]) {
-    if (u.searchParams.has(name)) u.searchParams.set(name, "…");
+    if (u.searchParams.has(name)) u.searchParams.set(name, "***");
   }
   return u.toString();
 }

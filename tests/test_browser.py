@@ -1,0 +1,117 @@
+"""The walkthrough in a real browser: Debian's Chromium driven by Playwright."""
+
+import http.server
+import threading
+
+import pytest
+from playwright.sync_api import sync_playwright
+
+from tests.stack import DEMO_PASSWORD, DEMO_USER
+
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    # Any name resolves to loopback (www.evil.test too), with real cookie and Origin rules.
+    '--host-resolver-rules=MAP * 127.0.0.1',
+]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+def log_in(page, stack):
+    page.goto(f"{stack.app_origin}/accounts/login/")
+    page.fill("input[name=username]", DEMO_USER)
+    page.fill("input[name=password]", DEMO_PASSWORD)
+    page.click("button[type=submit]")
+    page.wait_for_url(f"{stack.app_origin}/")
+    stack.secrets.add(page.context.cookies(stack.app_origin)[0]["value"])
+
+
+def socket_rows(page):
+    """Wait until every row has an answer; return (name, result, state) for each."""
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('#sockets tbody tr')]"
+        ".every(row => row.dataset.state !== 'pending')", timeout=15000)
+    return [tuple(row) for row in page.eval_on_selector_all(
+        "#sockets tbody tr",
+        "rows => rows.map(r => [r.querySelector('.name').textContent,"
+        " r.querySelector('.result').textContent, r.dataset.state])")]
+
+
+def feed_after_posting(page, text, via):
+    page.wait_for_selector("#live-status:text('connected')")
+    page.fill("#live-form input[name=text]", text)
+    page.click(f"#live-form button[value={via}]")
+    item = page.wait_for_selector(f"#feed li:has-text('{text}')", timeout=10000)
+    return item.text_content()
+
+
+def test_cross_domain_panel(browser, cross_stack):
+    page = browser.new_page()
+    page.goto(f"{cross_stack.app_origin}/")
+    assert socket_rows(page) == [("Realtime host, cookie only", "anonymous", "ok")]
+    log_in(page, cross_stack)
+    assert page.text_content("#http-user") == "You are demo."
+    assert socket_rows(page) == [
+        ("Realtime host, cookie only", "anonymous", "ok"),
+        ("Realtime host with ?session_key=", "demo (auth: session_key)", "ok"),
+    ]
+    # The URL on the page never shows the key itself.
+    shown = page.text_content("#sockets")
+    assert "session_key=***" in shown and not any(key in shown for key in cross_stack.secrets)
+    assert feed_after_posting(page, "over http", "http") == "announcement from demo: over http"
+    assert feed_after_posting(page, "on the socket", "socket") == "message from demo: on the socket"
+    page.close()
+
+
+def test_same_domain_panel(browser, same_stack):
+    page = browser.new_page()
+    log_in(page, same_stack)
+    assert socket_rows(page) == [
+        ("Through nginx: /ws/ on the app host", "demo (auth: cookie)", "ok"),
+        ("Straight to Daphne: same host, its own port", "demo (auth: cookie)", "ok"),
+    ]
+    assert feed_after_posting(page, "same domain", "http") == "announcement from demo: same domain"
+    page.close()
+
+
+FOREIGN_PAGE = """<!doctype html><title>pending</title><script>
+const ws = new WebSocket("%s");
+ws.onmessage = (e) => { document.title = "open: " + e.data; };
+ws.onclose = (e) => { if (document.title === "pending") document.title = "closed " + e.code; };
+</script>"""
+
+
+def test_page_on_a_foreign_domain_is_refused(browser, cross_stack):
+    session, key = cross_stack.login()
+    url = cross_stack.ws_url(f"/ws/whoami/?session_key={key}")
+
+    class Page(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = (FOREIGN_PAGE % url).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        page = browser.new_page()
+        page.goto(f"http://www.evil.test:{server.server_address[1]}/")
+        page.wait_for_function("document.title !== 'pending'", timeout=10000)
+        # Even holding a valid key, a foreign page gets no socket: the handshake is refused.
+        assert page.title() == "closed 1006"
+        page.close()
+    finally:
+        server.shutdown()
+    assert '"GET /ws/whoami/ HTTP/1.1" 403' in cross_stack.log_text()
