@@ -6,21 +6,26 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PYTHONPATH := $(CURDIR)
 
-RUN_TOOLS := nginx redis-server
-TEST_TOOLS := $(RUN_TOOLS) chromium docker-compose
+TEST_TOOLS := nginx redis-server chromium docker-compose
 
-.PHONY: help up-same-domain up-cross-domain test clean
+COMPOSE := docker compose --env-file deploy/cross-domain.env -f deploy/compose.yaml
+
+.PHONY: help up-same-domain up-cross-domain down test env-files clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
 
-up-same-domain: $(VENV)/.installed ## Run the stack natively: pages and sockets on one domain (/ws/)
-	@deploy/require.sh $(RUN_TOOLS)
-	exec env SPLIT_MODE=same-domain $(PY) deploy/native.py
+up-same-domain: $(VENV)/.installed ## Run the stack, pages and sockets on one domain (/ws/); RUNTIME=docker|native
+	@exec deploy/up.sh same-domain
 
-up-cross-domain: $(VENV)/.installed ## Run the stack natively: sockets on REALTIME_HOST, another domain
-	@deploy/require.sh $(RUN_TOOLS)
-	exec env SPLIT_MODE=cross-domain $(PY) deploy/native.py
+up-cross-domain: $(VENV)/.installed ## Run the stack, sockets on REALTIME_HOST, another domain; RUNTIME=docker|native
+	@exec deploy/up.sh cross-domain
+
+down: ## Stop the compose stack (the native one stops with Ctrl-C)
+	SECRET_KEY=unused POSTGRES_PASSWORD=unused $(COMPOSE) down --remove-orphans
+
+env-files: $(VENV)/.installed ## Rewrite deploy/*.env from shared_settings/topology.py
+	$(PY) deploy/envfiles.py
 
 test: $(VENV)/.installed ## Run every test: unit, real stack, browser, compose (installs what is missing)
 	@deploy/require.sh $(TEST_TOOLS)
@@ -31,7 +36,8 @@ clean: ## Remove the virtualenv and local state (var/)
 
 # The virtualenv, from the lock files; redone when they change.
 $(VENV)/.installed: requirements.lock requirements-dev.lock
-	@python3 -c 'import ensurepip' 2>/dev/null || deploy/require.sh ensurepip-missing:python3-venv
+	@# Debian's python3 makes virtualenvs only with python3-venv installed.
+	@python3 -c 'import ensurepip' 2>/dev/null || deploy/require.sh python3-venv-missing:python3-venv
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.lock
 	touch $@

@@ -40,10 +40,8 @@ def main():
     render_configs(topology)
 
     manage = [sys.executable, str(ROOT / "wsgi_site" / "manage.py")]
-    subprocess.run([*manage, "migrate", "--noinput", "-v0"], env=env, check=True)
     subprocess.run([*manage, "collectstatic", "--noinput", "-v0"], env=env, check=True)
-    user, password = os.environ.get("DEMO_USER", "demo"), os.environ.get("DEMO_PASSWORD", "demo-pass")
-    subprocess.run([*manage, "demo_user", user, password], env=env, check=True)
+    subprocess.run([str(ROOT / "deploy" / "migrate.sh")], env=env, check=True)
 
     supervisord = subprocess.Popen(
         [str(VENV_BIN / "supervisord"), "-c", str(state / "supervisord.conf")], env=env
@@ -55,7 +53,7 @@ def main():
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     if wait_ready(topology, supervisord):
-        print(banner(topology, user, password), flush=True)
+        print(banner(topology, env["DEMO_USER"], env["DEMO_PASSWORD"]), flush=True)
     else:
         print(f"Not ready after {READY_TIMEOUT} s; the logs in {log} say why.", file=sys.stderr)
         supervisord.send_signal(signal.SIGTERM)
@@ -84,8 +82,9 @@ def child_env(topology):
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONPATH"] = str(ROOT)
     env["SECRET_KEY"] = env.get("SECRET_KEY") or local_secret_key(topology.state_dir)
-    env["STATIC_ROOT"] = str(topology.state_dir / "static")
     env["DEMO_DIRECT_DAPHNE"] = "1"
+    env.setdefault("DEMO_USER", "demo")
+    env.setdefault("DEMO_PASSWORD", "demo-pass")
     return env
 
 
@@ -98,8 +97,8 @@ def local_secret_key(state_dir):
     return path.read_text().strip()
 
 
-def render_configs(topology):
-    engine = Engine(dirs=[str(ROOT)])
+def render(template, topology):
+    """Render one of the runtime's config templates for this topology."""
     context = {
         "topology": topology,
         "root": ROOT,
@@ -109,10 +108,14 @@ def render_configs(topology):
         "common": "autorestart=true\nstartsecs=1\nstopwaitsecs=5\nstopasgroup=true\n"
                   "killasgroup=true\nredirect_stderr=true",
     }
+    engine = Engine(dirs=[str(ROOT)])
+    return engine.get_template(template).render(Context(context, autoescape=False, use_l10n=False))
+
+
+def render_configs(topology):
     for template, target in [("nginx/native.conf.template", "nginx.conf"),
                              ("deploy/supervisord.conf.template", "supervisord.conf")]:
-        text = engine.get_template(template).render(Context(context, autoescape=False, use_l10n=False))
-        (topology.state_dir / target).write_text(text)
+        (topology.state_dir / target).write_text(render(template, topology))
 
 
 def answers(port, host, path):

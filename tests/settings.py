@@ -13,4 +13,6 @@ from wsgi_site.settings import INSTALLED_APPS  # noqa: E402
 
 INSTALLED_APPS = INSTALLED_APPS + ["channels"]
 CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+STATIC_ROOT = os.path.join(os.environ["STATE_DIR"], "static")
+os.makedirs(STATIC_ROOT, exist_ok=True)
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]  # fast, tests only

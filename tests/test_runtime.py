@@ -16,11 +16,12 @@ def answers(port):
 
 
 def test_make_up_cross_domain_custom_ports_and_sigterm(tmp_path):
-    stack = Stack("cross-domain", 20000, tmp_path, asgi_processes=1)
+    stack = Stack("cross-domain", 20000, tmp_path, asgi_processes=1, extra_env={"RUNTIME": "native"})
     stack.start(command=["make", "--no-print-directory", "-C", str(ROOT), "up-cross-domain"])
     ports = [stack.public_port, stack.gunicorn_port, *stack.daphne_ports, stack.redis_port]
     try:
         output = "".join(stack.output)
+        assert stack.output[0] == "Runtime: native (RUNTIME=native).\n"
         assert "Open    http://app.localhost:20000/" in output
         assert "Log in  demo / demo-pass" in output
         session, key = stack.login()

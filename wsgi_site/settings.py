@@ -1,7 +1,7 @@
 """Settings for the WSGI half: Gunicorn serving every page."""
 
 from shared_settings.base import *  # noqa: F403
-from shared_settings.base import BASE_DIR, INSTALLED_APPS, TOPOLOGY, env
+from shared_settings.base import INSTALLED_APPS, TOPOLOGY, env
 
 INSTALLED_APPS = INSTALLED_APPS + ["django.contrib.staticfiles", "wsgi_site"]
 MIDDLEWARE = [
@@ -28,7 +28,7 @@ TEMPLATES = [
     }
 ]
 STATIC_URL = "static/"
-STATIC_ROOT = env.str("STATIC_ROOT", default=str(BASE_DIR / "var" / "static"))
+STATIC_ROOT = env.str("STATIC_ROOT", default=str(TOPOLOGY.state_dir / "static"))
 STORAGES = {
     "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"}
 }
