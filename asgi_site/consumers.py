@@ -1,10 +1,21 @@
+import asyncio
 import json
+import logging
 
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
+from django.conf import settings
+from django.db import DatabaseError
+from redis.exceptions import RedisError
 
-# The group every /ws/live/ socket joins; wsgi_site's /announce/ sends to it.
-LIVE_GROUP = "live"
-MAX_TEXT = 1000
+from .auth import still_logged_in
+from .groups import LIVE_GROUP, MAX_TEXT, session_group, user_group
+
+logger = logging.getLogger(__name__)
+
+# Close code for a socket whose session ended: logout, or a failed re-check.
+SESSION_ENDED = 4401
+# The subprotocol we answer with; credentials offered beside it are never echoed.
+SUBPROTOCOL = "realtime"
 
 
 class ClientError(Exception):
@@ -23,23 +34,66 @@ def whoami(scope):
     }
 
 
-class WhoAmIConsumer(AsyncJsonWebsocketConsumer):
-    """Send one whoami frame, then stay open until the client closes."""
+class RealtimeConsumer(AsyncJsonWebsocketConsumer):
+    """
+    Accept with the "realtime" subprotocol when offered, and close with SESSION_ENDED
+    when the session behind a logged-in socket ends: at once on logout (pushed through
+    the channel layer), or at the next re-check, every WS_SESSION_RECHECK_SECONDS.
+    """
 
     async def connect(self):
-        await self.accept()
+        user = self.scope["user"]
+        if user.is_authenticated:
+            session_key = self.scope["session"].session_key
+            await self.join(session_group(session_key), user_group(user.pk))
+            self.recheck = asyncio.create_task(self.recheck_session(session_key, user.pk))
+        offered = SUBPROTOCOL in self.scope.get("subprotocols", [])
+        await self.accept(SUBPROTOCOL if offered else None)
+
+    async def join(self, *groups):
+        self.groups = [*self.groups, *groups]
+        try:
+            for group in groups:
+                await self.channel_layer.group_add(group, self.channel_name)
+        except (OSError, RedisError) as exc:
+            # The socket still works; logout reaches it at the next re-check instead.
+            logger.warning("channel layer unreachable, groups not joined: %r", exc)
+
+    async def disconnect(self, code):
+        if hasattr(self, "recheck"):
+            self.recheck.cancel()
+
+    async def recheck_session(self, session_key, user_pk):
+        while True:
+            await asyncio.sleep(settings.WS_SESSION_RECHECK_SECONDS)
+            try:
+                valid = await still_logged_in(session_key, user_pk)
+            except DatabaseError as exc:
+                # Keep the socket: a database blip is not a logout.
+                logger.warning("session re-check failed: %s", type(exc).__name__)
+                continue
+            if not valid:
+                await self.close(SESSION_ENDED)
+                return
+
+    async def session_end(self, event):
+        await self.close(SESSION_ENDED)
+
+
+class WhoAmIConsumer(RealtimeConsumer):
+    """Send one whoami frame, then stay open until the client closes or the session ends."""
+
+    async def connect(self):
+        await super().connect()
         await self.send_json(whoami(self.scope))
 
 
-class LiveConsumer(AsyncJsonWebsocketConsumer):
+class LiveConsumer(RealtimeConsumer):
     """A live feed: announcements from HTTP and messages from logged-in sockets."""
 
     async def connect(self):
-        await self.channel_layer.group_add(LIVE_GROUP, self.channel_name)
-        await self.accept()
-
-    async def disconnect(self, code):
-        await self.channel_layer.group_discard(LIVE_GROUP, self.channel_name)
+        await self.join(LIVE_GROUP)
+        await super().connect()
 
     async def receive(self, text_data=None, bytes_data=None):
         try:

@@ -67,6 +67,10 @@ WS_ALLOWED_ORIGINS = TOPOLOGY.allowed_origins
 WS_ALLOW_MISSING_ORIGIN = env.bool("WS_ALLOW_MISSING_ORIGIN", default=False)
 WS_SESSION_KEY_FALLBACK = env.bool("WS_SESSION_KEY_FALLBACK", default=True)
 WS_SESSION_KEY_PARAM = env.str("WS_SESSION_KEY_PARAM", default="session_key")
+# Seconds a ticket from POST /ws-ticket/ stays redeemable (once).
+WS_TICKET_TTL = env.int("WS_TICKET_TTL", default=30)
+# How often a logged-in socket checks that its session still stands.
+WS_SESSION_RECHECK_SECONDS = env.float("WS_SESSION_RECHECK_SECONDS", default=60)
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},

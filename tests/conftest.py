@@ -1,10 +1,39 @@
+import subprocess
+import time
+
 import pytest
+import redis
+from django.conf import settings
 
 from tests.stack import Stack
 
 
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """A real Redis for the unit tests' tickets, on settings.UNIT_REDIS_PORT."""
+    folder = tmp_path_factory.mktemp("redis")
+    server = subprocess.Popen(
+        ["redis-server", "--port", str(settings.UNIT_REDIS_PORT), "--bind", "127.0.0.1",
+         "--dir", str(folder), "--save", ""], stdout=subprocess.DEVNULL)
+    client = redis.Redis(port=settings.UNIT_REDIS_PORT)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+    yield client
+    server.terminate()
+    server.wait(10)
+
+
 def run_stack(tmp_path_factory, mode, base_port):
-    stack = Stack(mode, base_port, tmp_path_factory.mktemp(mode)).start()
+    # Re-check sessions every second, as the issue's tests ask.
+    extra = {"WS_SESSION_RECHECK_SECONDS": "1"}
+    stack = Stack(mode, base_port, tmp_path_factory.mktemp(mode), extra_env=extra).start()
     yield stack
     assert stack.leftover_processes(), "the process check sees nothing even while running"
     took = stack.stop()

@@ -13,6 +13,9 @@ from wsgi_site.settings import INSTALLED_APPS  # noqa: E402
 
 INSTALLED_APPS = INSTALLED_APPS + ["channels"]
 CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+# Tickets live in a real Redis: tests/conftest.py starts one on this port.
+UNIT_REDIS_PORT = 16399
+REDIS_URL = f"redis://127.0.0.1:{UNIT_REDIS_PORT}/0"
 STATIC_ROOT = os.path.join(os.environ["STATE_DIR"], "static")
 os.makedirs(STATIC_ROOT, exist_ok=True)
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]  # fast, tests only

@@ -41,9 +41,9 @@ class Stack:
             ASGI_PROCESSES=str(asgi_processes),
             REDIS_PORT=str(self.redis_port),
             STATE_DIR=str(self.state_dir),
-            **(extra_env or {}),
         )
-        self.env.pop("SECRET_KEY", None)  # the runtime makes its own under STATE_DIR
+        self.env.pop("SECRET_KEY", None)  # the runtime makes its own under STATE_DIR...
+        self.env.update(extra_env or {})  # ...unless a test gives one
         self.process = None
         self.output = []
         self.secrets = set()  # every key or ticket a test sent: none may reach a log
@@ -98,6 +98,16 @@ class Stack:
         rows = (line.split(None, 2) for line in ps.splitlines())
         return [args for pid, sid, args in rows if int(sid) == self.process.pid]
 
+    @property
+    def daphne_programs(self):
+        return [f"asgi-{i + 1}" for i in range(len(self.daphne_ports))]
+
+    def supervisorctl(self, *args):
+        """Ask the stack's supervisord (e.g. "restart", "asgi-1"), as an operator would."""
+        command = [str(Path(sys.executable).parent / "supervisorctl"),
+                   "-c", str(self.state_dir / "supervisord.conf"), *args]
+        return subprocess.run(command, capture_output=True, text=True, check=True).stdout
+
     def log_text(self):
         return "\n".join(p.read_text(errors="replace") for p in (self.state_dir / "log").glob("*"))
 
@@ -123,6 +133,25 @@ class Stack:
         self.secrets.add(key)
         return session, key
 
+    def ticket(self, session, path="/ws/whoami/"):
+        """Mint a ticket over HTTP; return it (and remember it: it must reach no log)."""
+        response = self.csrf_post(session, "/ws-ticket/", json={"path": path})
+        assert response.status_code == 200, response.text
+        ticket = response.json()["ticket"]
+        self.secrets.add(ticket)
+        return ticket
+
+    def manage(self, *args, **env):
+        """Run wsgi_site/manage.py against this stack's database."""
+        secret = (self.state_dir / "secret-key").read_text().strip()
+        environment = {k: v for k, v in self.env.items() if k != "DJANGO_SETTINGS_MODULE"}
+        environment.update(SECRET_KEY=self.env.get("SECRET_KEY", secret), **env)
+        return subprocess.run([sys.executable, str(ROOT / "wsgi_site" / "manage.py"), *args],
+                              env=environment, capture_output=True, text=True, check=True).stdout
+
+    def create_user(self, username, password):
+        self.manage("demo_user", username, password)
+
     def csrf_post(self, session, path, **kwargs):
         token = session.cookies.get("csrftoken") or self._csrf_token(session)
         return self.http(session, "POST", path, headers={"X-CSRFToken": token}, **kwargs)
@@ -137,7 +166,10 @@ class Stack:
         return f"ws://{host or self.realtime_host}:{self.public_port}{path}"
 
     def connect(self, path, host=None, origin=None, cookie=None, port=None, **kwargs):
-        """websockets.connect to `host` by name, through 127.0.0.1, with a browser's Origin."""
+        """
+        websockets.connect to `host` by name, through 127.0.0.1, with a browser's Origin;
+        further keywords (subprotocols=...) go to websockets.connect.
+        """
         headers = {}
         if cookie:
             headers["Cookie"] = cookie

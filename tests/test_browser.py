@@ -33,6 +33,10 @@ def log_in(page, stack):
     stack.secrets.add(page.context.cookies(stack.app_origin)[0]["value"])
 
 
+def session_cookie(page, stack):
+    return page.context.cookies(stack.app_origin)[0]["value"]
+
+
 def socket_rows(page):
     """Wait until every row has an answer; return (name, result, state) for each."""
     page.wait_for_function(
@@ -60,11 +64,16 @@ def test_cross_domain_panel(browser, cross_stack):
     assert page.text_content("#http-user") == "You are demo."
     assert socket_rows(page) == [
         ("Realtime host, cookie only", "anonymous", "ok"),
-        ("Realtime host with ?session_key=", "demo (auth: session_key)", "ok"),
+        ("Ticket in Sec-WebSocket-Protocol (recommended)", "demo (auth: ticket)", "ok"),
+        ("Ticket in the query string", "demo (auth: ticket)", "ok"),
+        ("Session key in the query string (?session_key=)", "demo (auth: session_key)", "ok"),
+        ("Session key in Sec-WebSocket-Protocol", "demo (auth: session_key)", "ok"),
     ]
-    # The URL on the page never shows the key itself.
+    # The page shows where each credential travels, never the credential itself.
     shown = page.text_content("#sockets")
-    assert "session_key=***" in shown and not any(key in shown for key in cross_stack.secrets)
+    assert "?ticket=***" in shown and "Sec-WebSocket-Protocol: realtime, ticket.***" in shown
+    assert "?session_key=***" in shown and "realtime, session_key.***" in shown
+    assert not any(secret in shown for secret in cross_stack.secrets | {session_cookie(page, cross_stack)})
     assert feed_after_posting(page, "over http", "http") == "announcement from demo: over http"
     assert feed_after_posting(page, "on the socket", "socket") == "message from demo: on the socket"
     page.close()
@@ -115,3 +124,35 @@ def test_page_on_a_foreign_domain_is_refused(browser, cross_stack):
     finally:
         server.shutdown()
     assert '"GET /ws/whoami/ HTTP/1.1" 403' in cross_stack.log_text()
+
+
+def test_logout_in_another_tab_closes_this_tabs_sockets(browser, cross_stack):
+    context = browser.new_context()
+    first = context.new_page()
+    log_in(first, cross_stack)
+    socket_rows(first)
+    first.wait_for_selector("#live-status:text('connected')")
+    second = context.new_page()  # another tab: same browser, same cookie
+    second.goto(f"{cross_stack.app_origin}/")
+    second.click("text=Log out")
+    first.wait_for_selector("#live-status:has-text('close code 4401')", timeout=5000)
+    assert first.text_content("#live-status") == (
+        "closed (close code 4401): your session ended, log in again")
+    closed = first.eval_on_selector_all("#sockets tbody tr", "rows => rows.map(r => r.dataset.closed)")
+    # The cookie-only row was anonymous: nothing to end. Every logged-in row ended with 4401.
+    assert closed == [None, "4401", "4401", "4401", "4401"]
+    assert "session ended (close code 4401)" in first.text_content("#sockets")
+    context.close()
+
+
+def test_live_feed_reconnects_with_a_fresh_ticket_when_daphne_restarts(browser, cross_stack):
+    context = browser.new_context()
+    page = context.new_page()
+    log_in(page, cross_stack)
+    page.wait_for_selector("#live-status:text('connected')")
+    cross_stack.supervisorctl("restart", *cross_stack.daphne_programs)
+    page.wait_for_selector("#live-status:has-text('reconnecting')", timeout=10000)
+    page.wait_for_selector("#live-status:text('connected')", timeout=20000)
+    assert feed_after_posting(page, "after restart", "http") == "announcement from demo: after restart"
+    context.close()
+

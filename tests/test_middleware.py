@@ -7,8 +7,6 @@ work runs on this thread, inside the test's transaction and its query counter.
 from datetime import timedelta
 
 import pytest
-from asgiref.sync import async_to_sync
-from channels.testing import WebsocketCommunicator
 from django.contrib.auth import get_user_model
 from django.contrib.sessions.models import Session
 from django.db import connection
@@ -16,9 +14,7 @@ from django.test import Client
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from asgi_site.asgi import application
-
-APP_ORIGIN = b"http://app.localhost:8000"
+from tests.sockets import whoami
 
 pytestmark = pytest.mark.django_db
 
@@ -30,27 +26,6 @@ def session_key():
     client = Client()
     assert client.login(username="alice", password="alice-pass")
     return client.session.session_key
-
-
-def whoami(query="", cookie=None, origin=APP_ORIGIN, path="/ws/whoami/"):
-    """Open a socket the way a browser would and return the whoami frame (None if refused)."""
-    headers = [(b"host", b"realtime.localhost:8000")]
-    if origin is not None:
-        headers.append((b"origin", origin))
-    if cookie is not None:
-        headers.append((b"cookie", cookie.encode()))
-
-    async def run():
-        url = f"{path}?{query}" if query else path
-        communicator = WebsocketCommunicator(application, url, headers=headers)
-        connected, _ = await communicator.connect()
-        if not connected:
-            return None
-        frame = await communicator.receive_json_from()
-        await communicator.disconnect()
-        return frame
-
-    return async_to_sync(run)()
 
 
 def test_cookie_authenticates(session_key):

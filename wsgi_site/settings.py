@@ -3,7 +3,7 @@
 from shared_settings.base import *  # noqa: F403
 from shared_settings.base import INSTALLED_APPS, TOPOLOGY, env
 
-INSTALLED_APPS = INSTALLED_APPS + ["django.contrib.staticfiles", "wsgi_site"]
+INSTALLED_APPS = INSTALLED_APPS + ["django.contrib.staticfiles", "wsgi_site.apps.WsgiSiteConfig"]
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",

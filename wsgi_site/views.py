@@ -4,12 +4,20 @@ import logging
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.conf import settings
+from django.contrib.auth import logout
+from django.contrib.sessions.models import Session
 from django.http import JsonResponse
-from django.shortcuts import render
+from django.shortcuts import redirect, render
+from django.urls import reverse
 from django.views.decorators.http import require_GET, require_POST
 from redis.exceptions import RedisError
 
-from asgi_site.consumers import LIVE_GROUP, MAX_TEXT
+from asgi_site import tickets
+from asgi_site.groups import LIVE_GROUP, MAX_TEXT, user_group
+from asgi_site.routing import SOCKET_PATHS
+
+from .models import UserSession
+from .signals import end_sockets
 
 logger = logging.getLogger(__name__)
 
@@ -20,33 +28,36 @@ def socket_rows(request):
     whoami = f"{topology.socket_base}/ws/whoami/"
     you = "you" if request.user.is_authenticated else "anonymous"
     if not topology.cross_domain:
-        rows = [
-            {"name": "Through nginx: /ws/ on the app host", "url": whoami, "expect": you},
-        ]
+        rows = [{"name": "Through nginx: /ws/ on the app host", "url": whoami, "expect": you}]
         if settings.DEMO_DIRECT_DAPHNE:
             direct = f"ws://{topology.app_host}:{settings.DEMO_DAPHNE_PORT}/ws/whoami/"
-            rows.append(
-                {"name": "Straight to Daphne: same host, its own port", "url": direct,
-                 "expect": you}
-            )
+            rows.append({"name": "Straight to Daphne: same host, its own port", "url": direct,
+                         "expect": you})
         return rows
     rows = [{"name": "Realtime host, cookie only", "url": whoami, "expect": "anonymous"}]
-    if request.user.is_authenticated and settings.WS_SESSION_KEY_FALLBACK:
-        key_url = f"{whoami}?{settings.WS_SESSION_KEY_PARAM}={request.session.session_key}"
-        rows.append(
-            {"name": f"Realtime host with ?{settings.WS_SESSION_KEY_PARAM}=",
-             "url": key_url, "expect": you}
-        )
+    if not request.user.is_authenticated:
+        return rows
+    rows += [
+        {"name": "Ticket in Sec-WebSocket-Protocol (recommended)", "url": whoami,
+         "ticket": "header", "expect": you},
+        {"name": "Ticket in the query string", "url": whoami, "ticket": "query", "expect": you},
+    ]
+    if settings.WS_SESSION_KEY_FALLBACK:
+        name, key = settings.WS_SESSION_KEY_PARAM, request.session.session_key
+        rows += [
+            {"name": f"Session key in the query string (?{name}=)", "url": f"{whoami}?{name}={key}",
+             "expect": you},
+            {"name": "Session key in Sec-WebSocket-Protocol", "url": whoami,
+             "protocols": [f"{name}.{key}"], "expect": you},
+        ]
     return rows
 
 
-def live_url(request):
-    """Return the URL of the live feed socket, authenticated the way this mode needs."""
+def live_socket(request):
+    """Return how the live feed opens its socket: a fresh ticket in the header cross-domain."""
     topology = settings.TOPOLOGY
-    url = f"{topology.socket_base}/ws/live/"
-    if topology.cross_domain and request.user.is_authenticated:
-        url += f"?{settings.WS_SESSION_KEY_PARAM}={request.session.session_key}"
-    return url
+    needs_ticket = topology.cross_domain and request.user.is_authenticated
+    return {"url": f"{topology.socket_base}/ws/live/", "ticket": needs_ticket}
 
 
 @require_GET
@@ -54,23 +65,24 @@ def home(request):
     demo = {
         "mode": settings.TOPOLOGY.mode,
         "rows": socket_rows(request),
-        "live": live_url(request),
+        "live": live_socket(request),
+        "ticket_url": reverse("ws-ticket"),
         "secret_param": settings.WS_SESSION_KEY_PARAM,
     }
     return render(request, "home.html", {"demo": demo, "topology": settings.TOPOLOGY})
 
 
-def announcement_text(request):
-    """Return the `text` field of a form-encoded or JSON body, or None."""
+def field(request, name):
+    """Return the string field `name` of a form-encoded or JSON body, or None."""
     if request.content_type == "application/json":
         try:
             body = json.loads(request.body)
         except ValueError:
             return None
-        text = body.get("text") if isinstance(body, dict) else None
+        value = body.get(name) if isinstance(body, dict) else None
     else:
-        text = request.POST.get("text")
-    return text if isinstance(text, str) and text.strip() else None
+        value = request.POST.get(name)
+    return value if isinstance(value, str) else None
 
 
 @require_POST
@@ -78,8 +90,8 @@ def announce(request):
     """Send an announcement to every /ws/live/ socket, on every Daphne process."""
     if not request.user.is_authenticated:
         return JsonResponse({"error": "login required"}, status=403)
-    text = announcement_text(request)
-    if text is None:
+    text = field(request, "text")
+    if text is None or not text.strip():
         return JsonResponse({"error": 'send a non-empty "text" field'}, status=400)
     if len(text) > MAX_TEXT:
         return JsonResponse({"error": f"text longer than {MAX_TEXT} characters"}, status=400)
@@ -90,6 +102,37 @@ def announce(request):
         logger.warning("announcement not sent, channel layer unreachable: %r", exc)
         return JsonResponse({"error": "realtime service unavailable, try again"}, status=503)
     return JsonResponse({"sent": True})
+
+
+@require_POST
+def ws_ticket(request):
+    """Mint a single-use ticket that opens a socket as this session's user."""
+    if not request.user.is_authenticated:
+        return JsonResponse({"error": "login required"}, status=403)
+    path = field(request, "path") or SOCKET_PATHS[0]
+    if path not in SOCKET_PATHS:
+        return JsonResponse({"error": f"path must be one of {', '.join(SOCKET_PATHS)}"}, status=400)
+    try:
+        ticket = tickets.mint(request.session.session_key)
+    except RedisError as exc:
+        logger.warning("ticket not minted, Redis unreachable: %r", exc)
+        return JsonResponse({"error": "realtime service unavailable, try again"}, status=503)
+    return JsonResponse({
+        "ticket": ticket,
+        "expires_in": settings.WS_TICKET_TTL,
+        "url": f"{settings.TOPOLOGY.socket_base}{path}?ticket={ticket}",
+    })
+
+
+@require_POST
+def logout_everywhere(request):
+    """End every session of this user, and with them every socket, then log out here."""
+    if request.user.is_authenticated:
+        sessions = UserSession.objects.filter(user=request.user).values("session")
+        Session.objects.filter(pk__in=sessions).delete()
+        end_sockets(user_group(request.user.pk))
+    logout(request)
+    return redirect(settings.LOGOUT_REDIRECT_URL)
 
 
 @require_GET

@@ -3,7 +3,7 @@ from django.core.management.base import BaseCommand
 
 
 class Command(BaseCommand):
-    help = "Create the demo user, or reset its password (local runs only)."
+    help = "Create the demo user, or give it this password (local runs only)."
 
     def add_arguments(self, parser):
         parser.add_argument("username")
@@ -11,6 +11,9 @@ class Command(BaseCommand):
 
     def handle(self, username, password, **options):
         user, created = get_user_model().objects.get_or_create(username=username)
-        user.set_password(password)
-        user.save()
-        self.stdout.write(f"{'created' if created else 'reset'} demo user {username!r}")
+        # Re-hashing an unchanged password would change the session auth hash and log the
+        # user out everywhere, on every restart.
+        if created or not user.check_password(password):
+            user.set_password(password)
+            user.save()
+        self.stdout.write(f"{'created' if created else 'kept'} demo user {username!r}")

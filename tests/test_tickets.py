@@ -1,0 +1,241 @@
+"""Tickets, credentials in the subprotocol header, precedence, re-checks and key rotation, in process.
+
+Tickets go through a real Redis (the redis_server fixture); sockets through Channels'
+WebsocketCommunicator and the whole ASGI application.
+"""
+
+import asyncio
+import hashlib
+import time
+
+import pytest
+from asgiref.sync import async_to_sync, sync_to_async
+from django.contrib.auth import get_user_model
+from django.contrib.sessions.models import Session
+from django.test import Client
+
+from tests.sockets import communicator, handshake, whoami
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def alice(redis_server):
+    get_user_model().objects.create_user("alice", password="alice-pass")
+    client = Client()
+    assert client.login(username="alice", password="alice-pass")
+    return client
+
+
+def mint(client, **body):
+    response = client.post("/ws-ticket/", body, content_type="application/json")
+    assert response.status_code == 200, response.content
+    return response.json()
+
+
+def getdel_calls(redis_server):
+    stats = redis_server.info("commandstats")
+    return stats.get("cmdstat_getdel", {}).get("calls", 0)
+
+
+def test_ticket_response(alice):
+    answer = mint(alice)
+    assert set(answer) == {"ticket", "expires_in", "url"}
+    assert len(answer["ticket"]) == 43 and answer["expires_in"] == 30
+    assert answer["url"] == f"ws://realtime.localhost:8000/ws/whoami/?ticket={answer['ticket']}"
+    assert mint(alice, path="/ws/live/")["url"].startswith("ws://realtime.localhost:8000/ws/live/?ticket=")
+
+
+def test_ticket_needs_login_and_a_known_path(alice, redis_server):
+    anonymous = Client().post("/ws-ticket/")
+    assert anonymous.status_code == 403 and anonymous.json() == {"error": "login required"}
+    bad = alice.post("/ws-ticket/", {"path": "/admin/"}, content_type="application/json")
+    assert bad.status_code == 400 and "path must be one of" in bad.json()["error"]
+
+
+def test_ticket_is_csrf_protected(alice):
+    strict = Client(enforce_csrf_checks=True)
+    strict.cookies = alice.cookies
+    assert strict.post("/ws-ticket/").status_code == 403
+
+
+def test_ticket_in_query_string(alice):
+    frame = whoami(query=f"ticket={mint(alice)['ticket']}")
+    assert (frame["user"], frame["auth"]) == ("alice", "ticket")
+
+
+def test_ticket_in_header_and_the_answer_never_echoes_it(alice):
+    ticket = mint(alice)["ticket"]
+    subprotocol, frame = handshake(subprotocols=["realtime", f"ticket.{ticket}"])
+    assert (frame["user"], frame["auth"]) == ("alice", "ticket")
+    assert subprotocol == "realtime"
+
+
+def test_session_key_in_header(alice):
+    key = alice.session.session_key
+    subprotocol, frame = handshake(subprotocols=["realtime", f"session_key.{key}"])
+    assert (frame["auth"], subprotocol) == ("session_key", "realtime")
+
+
+def test_no_subprotocol_offered_none_answered(alice):
+    subprotocol, frame = handshake(query=f"ticket={mint(alice)['ticket']}")
+    assert subprotocol is None and frame["auth"] == "ticket"
+
+
+def test_replayed_ticket_is_anonymous(alice):
+    ticket = mint(alice)["ticket"]
+    assert whoami(query=f"ticket={ticket}")["auth"] == "ticket"
+    assert whoami(query=f"ticket={ticket}")["authenticated"] is False
+    assert whoami(subprotocols=["realtime", f"ticket.{ticket}"])["authenticated"] is False
+
+
+def test_expired_ticket_is_anonymous(alice, settings):
+    settings.WS_TICKET_TTL = 1
+    answer = mint(alice)
+    assert answer["expires_in"] == 1
+    time.sleep(1.3)
+    assert whoami(query=f"ticket={answer['ticket']}")["authenticated"] is False
+
+
+def test_forged_ticket_is_anonymous(alice, redis_server):
+    before = getdel_calls(redis_server)
+    assert whoami(query="ticket=" + "A" * 43)["authenticated"] is False
+    assert getdel_calls(redis_server) == before + 1  # looked up, found nothing
+
+
+@pytest.mark.parametrize("bad", ["short", "A" * 44, "A" * 42 + "!", "", "A" * 42 + "%00"])
+def test_malformed_ticket_is_refused_before_redis(alice, redis_server, bad):
+    before = getdel_calls(redis_server)
+    assert whoami(query=f"ticket={bad}")["authenticated"] is False
+    assert getdel_calls(redis_server) == before
+
+
+def test_ticket_of_a_session_since_logged_out_is_anonymous(alice):
+    ticket = mint(alice)["ticket"]
+    alice.post("/accounts/logout/")
+    assert whoami(query=f"ticket={ticket}")["authenticated"] is False
+
+
+def test_redis_holds_the_tickets_hash_not_the_ticket(alice, redis_server):
+    ticket = mint(alice)["ticket"]
+    keys = [k.decode() for k in redis_server.keys("ws-ticket:*")]
+    assert f"ws-ticket:{hashlib.sha256(ticket.encode()).hexdigest()}" in keys
+    assert not any(ticket in k for k in keys)
+    assert all(ticket.encode() not in (redis_server.get(k) or b"") for k in keys)
+
+
+def test_ticket_refusals_are_logged_without_the_ticket(alice, caplog):
+    ticket = mint(alice)["ticket"]
+    with caplog.at_level("INFO", logger="asgi_site"):
+        whoami(query=f"ticket={ticket}")
+        whoami(query=f"ticket={ticket}")
+    assert "ticket refused: unknown, expired or already used" in caplog.text
+    assert ticket not in caplog.text
+
+
+# Precedence: a cookie that gives a logged-in user, then a ticket, then the session key.
+
+def test_cookie_beats_ticket_and_leaves_it_unused(alice):
+    ticket = mint(alice)["ticket"]
+    cookie = f"sessionid={alice.session.session_key}"
+    assert whoami(query=f"ticket={ticket}", cookie=cookie)["auth"] == "cookie"
+    assert whoami(query=f"ticket={ticket}")["auth"] == "ticket"
+
+
+def test_ticket_beats_session_key(alice):
+    ticket, key = mint(alice)["ticket"], alice.session.session_key
+    assert whoami(query=f"ticket={ticket}&session_key={key}")["auth"] == "ticket"
+
+
+def test_bad_ticket_falls_back_to_session_key(alice):
+    key = alice.session.session_key
+    assert whoami(query=f"ticket={'B' * 43}&session_key={key}")["auth"] == "session_key"
+
+
+def test_credential_given_both_ways_is_refused(alice):
+    ticket = mint(alice)["ticket"]
+    frame = whoami(query=f"ticket={ticket}", subprotocols=["realtime", f"ticket.{ticket}"])
+    assert frame["authenticated"] is False
+
+
+# Re-checks: a logged-in socket closes with 4401 once its session no longer stands.
+
+def watch_close(client, change, settings):
+    """Open a socket with the client's session key, apply `change`, return the close code."""
+    settings.WS_SESSION_RECHECK_SECONDS = 0.2
+    key = client.session.session_key
+
+    async def run():
+        socket = communicator(query=f"session_key={key}")
+        assert (await socket.connect())[0]
+        assert (await socket.receive_json_from())["authenticated"] is True
+        await sync_to_async(change)()
+        message = await socket.receive_output(timeout=3)
+        await socket.wait()
+        return message
+
+    message = async_to_sync(run)()
+    assert message["type"] == "websocket.close"
+    return message["code"]
+
+
+def test_recheck_closes_after_password_change(alice, settings):
+    def change_password():
+        user = get_user_model().objects.get(username="alice")
+        user.set_password("new-pass")
+        user.save()
+
+    assert watch_close(alice, change_password, settings) == 4401
+
+
+def test_recheck_closes_after_deactivation(alice, settings):
+    def deactivate():
+        get_user_model().objects.filter(username="alice").update(is_active=False)
+
+    assert watch_close(alice, deactivate, settings) == 4401
+
+
+def test_recheck_closes_after_session_deletion(alice, settings):
+    key = alice.session.session_key
+    assert watch_close(alice, lambda: Session.objects.filter(pk=key).delete(), settings) == 4401
+
+
+def test_recheck_keeps_a_valid_socket_open(alice, settings):
+    settings.WS_SESSION_RECHECK_SECONDS = 0.1
+    key = alice.session.session_key
+
+    async def run():
+        socket = communicator(query=f"session_key={key}")
+        await socket.connect()
+        await socket.receive_json_from()
+        await asyncio.sleep(0.5)  # five re-checks
+        quiet = await socket.receive_nothing(timeout=0.2)
+        await socket.disconnect()
+        return quiet
+
+    assert async_to_sync(run)() is True
+
+
+# SECRET_KEY rotation: Django's get_user honours SECRET_KEY_FALLBACKS; Channels' does not.
+
+def test_secret_key_rotation_with_fallback_keeps_the_socket_user(alice, settings):
+    old = settings.SECRET_KEY
+    cookie = f"sessionid={alice.session.session_key}"
+    settings.SECRET_KEY, settings.SECRET_KEY_FALLBACKS = "a-brand-new-secret-key", [old]
+    assert whoami(cookie=cookie)["user"] == "alice"
+
+
+def test_secret_key_rotation_without_fallback_logs_the_socket_out(alice, settings):
+    cookie = f"sessionid={alice.session.session_key}"
+    settings.SECRET_KEY, settings.SECRET_KEY_FALLBACKS = "a-brand-new-secret-key", []
+    assert whoami(cookie=cookie)["authenticated"] is False
+
+
+def test_logout_everywhere_deletes_every_session_of_the_user(alice):
+    second = Client()
+    second.login(username="alice", password="alice-pass")
+    keys = {alice.session.session_key, second.session.session_key}
+    assert Session.objects.filter(pk__in=keys).count() == 2
+    assert alice.post("/accounts/logout-everywhere/").status_code == 302
+    assert Session.objects.filter(pk__in=keys).count() == 0
+    assert second.get("/").context["user"].is_authenticated is False

@@ -1,0 +1,40 @@
+"""Keep sockets in step with HTTP sessions: record whose a session is, end sockets on logout."""
+
+import logging
+
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
+from django.contrib.auth import SESSION_KEY, user_logged_out
+from django.contrib.sessions.models import Session
+from django.db.models.signals import post_save
+from django.dispatch import receiver
+from redis.exceptions import RedisError
+
+from asgi_site.groups import session_group
+
+from .models import UserSession
+
+logger = logging.getLogger(__name__)
+
+
+@receiver(post_save, sender=Session)
+def record_session_user(sender, instance, **kwargs):
+    # Every save of a logged-in session, login and key cycling (password change) included.
+    user_id = instance.get_decoded().get(SESSION_KEY)
+    if user_id is not None:
+        UserSession.objects.update_or_create(session=instance, defaults={"user_id": user_id})
+
+
+@receiver(user_logged_out)
+def end_sockets_of_session(sender, request, user, **kwargs):
+    if request is not None and request.session.session_key:
+        end_sockets(session_group(request.session.session_key))
+
+
+def end_sockets(group):
+    """Close every socket in `group` with SESSION_ENDED, on every Daphne process."""
+    try:
+        async_to_sync(get_channel_layer().group_send)(group, {"type": "session.end"})
+    except (OSError, RedisError) as exc:
+        # The logout itself stands; sockets end at their next re-check instead.
+        logger.warning("sockets not told of logout, channel layer unreachable: %r", exc)
