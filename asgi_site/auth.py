@@ -165,31 +165,31 @@ def has_user(session):
         return False
 
 
-def user_from_session(session):
+def authenticated_user(session, get_user):
     """
-    Return the session's user, or AnonymousUser: Django's get_user, except that a
-    session verified by an old key is kept as it is (a socket cannot send the cycled
-    key's cookie back) and a failed one is not flushed (the HTTP side does that).
+    Return the user the session data authenticates, or None: Django's get_user, except
+    that a session verified by an old key is kept as it is (a socket cannot send the
+    cycled key's cookie back) and a failed one is not flushed (the HTTP side does that).
+    `get_user(backend, user_id)` fetches the user, so callers can fetch many at once.
     """
     try:
         user_id = get_user_model()._meta.pk.to_python(session[SESSION_KEY])
         backend_path = session[BACKEND_SESSION_KEY]
     except KeyError:
-        return AnonymousUser()
+        return None
     if backend_path not in settings.AUTHENTICATION_BACKENDS:
-        return AnonymousUser()
-    user = load_backend(backend_path).get_user(user_id)
+        return None
+    user = get_user(load_backend(backend_path), user_id)
     session_hash = session.get(HASH_SESSION_KEY)
     if user is None or not session_hash:
-        return AnonymousUser()
+        return None
     hashes = [user.get_session_auth_hash(), *user.get_session_auth_fallback_hash()]
     if any(constant_time_compare(session_hash, known) for known in hashes):
         return user
-    return AnonymousUser()
+    return None
 
 
-@database_sync_to_async
-def still_logged_in(session_key, user_pk):
-    """Return True if the session still exists, is unexpired and still authenticates user_pk."""
-    session = import_module(settings.SESSION_ENGINE).SessionStore(session_key)
-    return user_from_session(session).pk == user_pk
+def user_from_session(session):
+    """Return the session's user, or AnonymousUser."""
+    user = authenticated_user(session, lambda backend, user_id: backend.get_user(user_id))
+    return user or AnonymousUser()

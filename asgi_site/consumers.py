@@ -1,19 +1,20 @@
-import asyncio
 import json
 import logging
+import time
 
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
-from django.db import DatabaseError
 from redis.exceptions import RedisError
 
-from .auth import still_logged_in
 from .groups import LIVE_GROUP, MAX_TEXT, session_group, user_group
+from .upkeep import upkeep
 
 logger = logging.getLogger(__name__)
 
 # Close code for a socket whose session ended: logout, or a failed re-check.
 SESSION_ENDED = 4401
+# Close code for a socket that sent more than WS_MESSAGE_RATE messages a second.
+TOO_MANY_MESSAGES = 4429
 # The subprotocol we answer with; credentials offered beside it are never echoed.
 SUBPROTOCOL = "realtime"
 
@@ -38,7 +39,7 @@ class RealtimeConsumer(AsyncJsonWebsocketConsumer):
     """
     Accept with the "realtime" subprotocol when offered, and close with SESSION_ENDED
     when the session behind a logged-in socket ends: at once on logout (pushed through
-    the channel layer), or at the next re-check, every WS_SESSION_RECHECK_SECONDS.
+    the channel layer), or at the process's next re-check (asgi_site.upkeep).
     """
 
     async def connect(self):
@@ -46,38 +47,29 @@ class RealtimeConsumer(AsyncJsonWebsocketConsumer):
         if user.is_authenticated:
             session_key = self.scope["session"].session_key
             await self.join(session_group(session_key), user_group(user.pk))
-            self.recheck = asyncio.create_task(self.recheck_session(session_key, user.pk))
+            upkeep().add(self, session_key, user.pk)
+        else:
+            upkeep().add(self)
         offered = SUBPROTOCOL in self.scope.get("subprotocols", [])
         await self.accept(SUBPROTOCOL if offered else None)
 
     async def join(self, *groups):
-        self.groups = [*self.groups, *groups]
+        self.groups = list(dict.fromkeys([*self.groups, *groups]))
         try:
             for group in groups:
                 await self.channel_layer.group_add(group, self.channel_name)
         except (OSError, RedisError) as exc:
-            # The socket still works; logout reaches it at the next re-check instead.
+            # The socket still works; upkeep joins again once Redis is back.
             logger.warning("channel layer unreachable, groups not joined: %r", exc)
 
     async def disconnect(self, code):
-        if hasattr(self, "recheck"):
-            self.recheck.cancel()
+        upkeep().discard(self)
 
-    async def recheck_session(self, session_key, user_pk):
-        while True:
-            await asyncio.sleep(settings.WS_SESSION_RECHECK_SECONDS)
-            try:
-                valid = await still_logged_in(session_key, user_pk)
-            except DatabaseError as exc:
-                # Keep the socket: a database blip is not a logout.
-                logger.warning("session re-check failed: %s", type(exc).__name__)
-                continue
-            if not valid:
-                await self.close(SESSION_ENDED)
-                return
+    async def end_session(self):
+        await self.close(SESSION_ENDED)
 
     async def session_end(self, event):
-        await self.close(SESSION_ENDED)
+        await self.end_session()
 
 
 class WhoAmIConsumer(RealtimeConsumer):
@@ -89,13 +81,21 @@ class WhoAmIConsumer(RealtimeConsumer):
 
 
 class LiveConsumer(RealtimeConsumer):
-    """A live feed: announcements from HTTP and messages from logged-in sockets."""
+    """
+    A live feed: announcements from HTTP and messages from logged-in sockets. A socket
+    that sends faster than WS_MESSAGE_RATE (burst WS_MESSAGE_BURST) is closed with 4429.
+    """
 
     async def connect(self):
+        # A token bucket, per connection: a consumer instance serves exactly one socket.
+        self.tokens, self.refilled = settings.WS_MESSAGE_BURST, time.monotonic()
         await self.join(LIVE_GROUP)
         await super().connect()
 
     async def receive(self, text_data=None, bytes_data=None):
+        if not self.take_token():
+            await self.close(TOO_MANY_MESSAGES)
+            return
         try:
             if text_data is None:
                 raise ClientError("text frames only")
@@ -107,6 +107,16 @@ class LiveConsumer(RealtimeConsumer):
         except ClientError as exc:
             await self.send_json({"type": "error", "error": str(exc)})
 
+    def take_token(self):
+        now = time.monotonic()
+        self.tokens = min(settings.WS_MESSAGE_BURST,
+                          self.tokens + (now - self.refilled) * settings.WS_MESSAGE_RATE)
+        self.refilled = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
     async def post(self, content):
         user = self.scope["user"]
         if not user.is_authenticated:
@@ -116,10 +126,11 @@ class LiveConsumer(RealtimeConsumer):
             raise ClientError('send {"text": "..."}')
         if len(text) > MAX_TEXT:
             raise ClientError(f"text longer than {MAX_TEXT} characters")
-        await self.channel_layer.group_send(
-            LIVE_GROUP,
-            {"type": "live.message", "user": user.get_username(), "text": text},
-        )
+        event = {"type": "live.message", "user": user.get_username(), "text": text}
+        try:
+            await self.channel_layer.group_send(LIVE_GROUP, event)
+        except (OSError, RedisError):
+            raise ClientError("realtime service unavailable, try again") from None
 
     async def live_message(self, event):
         await self.send_json({"type": "message", "user": event["user"], "text": event["text"]})

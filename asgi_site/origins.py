@@ -19,6 +19,8 @@ class TopologyOriginValidator(OriginValidator):
     def valid_origin(self, parsed_origin):
         if parsed_origin is None:
             allowed = settings.WS_ALLOW_MISSING_ORIGIN
+        elif not is_serialized_origin(parsed_origin):
+            allowed = False
         else:
             try:
                 allowed = self.validate_origin(parsed_origin)
@@ -29,3 +31,10 @@ class TopologyOriginValidator(OriginValidator):
             origin = parsed_origin.geturl() if parsed_origin else None
             logger.info("origin refused: %r", origin)
         return allowed
+
+
+def is_serialized_origin(parsed):
+    """True for scheme://host[:port] and nothing more, the only form a browser sends."""
+    return parsed.username is None and parsed.password is None and not (
+        parsed.path or parsed.params or parsed.query or parsed.fragment
+    )

@@ -57,7 +57,8 @@ SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 REDIS_URL = env.str("REDIS_URL", default=TOPOLOGY.redis_url)
 CHANNEL_LAYERS = {
     "default": {
-        "BACKEND": "channels_redis.core.RedisChannelLayer",
+        # channels-redis' layer, surviving a Redis restart (asgi_site/layers.py).
+        "BACKEND": "asgi_site.layers.ResilientRedisChannelLayer",
         "CONFIG": {"hosts": [REDIS_URL]},
     }
 }
@@ -71,6 +72,9 @@ WS_SESSION_KEY_PARAM = env.str("WS_SESSION_KEY_PARAM", default="session_key")
 WS_TICKET_TTL = env.int("WS_TICKET_TTL", default=30)
 # How often a logged-in socket checks that its session still stands.
 WS_SESSION_RECHECK_SECONDS = env.float("WS_SESSION_RECHECK_SECONDS", default=60)
+# Messages a socket may send per second, and in one burst, before it is closed with 4429.
+WS_MESSAGE_RATE = env.float("WS_MESSAGE_RATE", default=10)
+WS_MESSAGE_BURST = env.int("WS_MESSAGE_BURST", default=20)
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},

@@ -176,9 +176,10 @@ class Stack:
         origin = self.app_origin if origin is None else origin
         port = port or self.public_port
         url = f"ws://{host or self.realtime_host}:{port}{path}"
+        kwargs.setdefault("open_timeout", 10)
         return websockets.connect(
             url, host="127.0.0.1", port=port, origin=origin or None,
-            additional_headers=headers, open_timeout=10, **kwargs,
+            additional_headers=headers, **kwargs,
         )
 
     def whoami(self, query="", **kwargs):

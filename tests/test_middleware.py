@@ -143,7 +143,8 @@ def test_refusal_is_logged_without_the_key(session_key, caplog):
 @pytest.mark.parametrize(
     "origin",
     [b"http://evil.test", b"null", b"http://app.localhost.evil.test:8000",
-     b"http://app.localhost:8001", b"https://app.localhost:8000", b"http://app.localhost:99999x"],
+     b"http://app.localhost:8001", b"https://app.localhost:8000", b"http://app.localhost:99999x",
+     b"http://user@app.localhost:8000", b"http://app.localhost:8000/", b"http://app.localhost:8000?x"],
 )
 def test_foreign_origin_is_refused(origin):
     assert whoami(origin=origin) is None
