@@ -10,7 +10,7 @@ TEST_TOOLS := nginx redis-server chromium docker-compose
 
 COMPOSE := docker compose --env-file deploy/cross-domain.env -f deploy/compose.yaml
 
-.PHONY: help up-same-domain up-cross-domain down test soak env-files clean
+.PHONY: help up-same-domain up-cross-domain down test bench soak env-files clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -30,6 +30,10 @@ env-files: $(VENV)/.installed ## Rewrite deploy/*.env from shared_settings/topol
 test: $(VENV)/.installed ## Run every test: unit, real stack, browser, compose (installs what is missing)
 	@deploy/require.sh $(TEST_TOOLS)
 	$(PY) -m pytest
+
+bench: $(VENV)/.installed ## Measure handshake cost, fan-out and capacity; write bench/results/ (about 10 min)
+	@deploy/require.sh nginx redis-server
+	cd bench && ../$(PY) handshake.py && ../$(PY) fanout.py && ../$(PY) capacity.py
 
 soak: $(VENV)/.installed ## Hold 5,000 authenticated sockets for 60 s, announce once, print memory and delivery time
 	@deploy/require.sh nginx redis-server

@@ -5,7 +5,7 @@ Browsers send a cookie only to the host that set it, so a socket on REALTIME_HOS
 arrives without one. The page then sends a credential instead, in the URL
 (``?ticket=...``, ``?session_key=...``) or, keeping it out of URLs altogether, as a
 WebSocket subprotocol (``ticket.<value>``, ``session_key.<value>``), and
-FallbackSessionMiddleware loads the session it names. Precedence: a cookie that gives
+SessionAuthMiddleware loads the session it names. Precedence: a cookie that gives
 a logged-in user, then a ticket, then the session key.
 """
 
@@ -14,7 +14,6 @@ import re
 from importlib import import_module
 from urllib.parse import parse_qsl
 
-from channels import auth as channels_auth
 from channels.db import database_sync_to_async
 from channels.sessions import CookieMiddleware, SessionMiddleware
 from django.conf import settings
@@ -43,11 +42,13 @@ SESSION_KEY_RE = re.compile(f"[{VALID_KEY_CHARS}]{{8,40}}")
 MAX_QUERY_FIELDS = 20
 
 
-class FallbackSessionMiddleware:
+class SessionAuthMiddleware:
     """
-    When the cookie gave no logged-in user, replace scope["session"] with the session a
-    ticket or a session key names, and set scope["auth"] to where the session came
-    from: "cookie", "ticket", "session_key" or "none". Runs inside SessionMiddleware.
+    Populate scope["user"] from the session the socket brings: the cookie's, else a
+    ticket's, else a session key's; scope["session"] becomes that session, and
+    scope["auth"] says which ("cookie", "ticket", "session_key" or "none"). Each session
+    is checked as Django's get_user checks it, SECRET_KEY_FALLBACKS included, in one
+    database round trip. Runs inside SessionMiddleware, in place of Channels' AuthMiddleware.
     """
 
     def __init__(self, inner):
@@ -55,38 +56,38 @@ class FallbackSessionMiddleware:
 
     async def __call__(self, scope, receive, send):
         if "session" not in scope:
-            raise ValueError(
-                "FallbackSessionMiddleware needs to run inside of SessionMiddleware."
-            )
-        scope = dict(scope, auth="none")
-        if await has_user(scope["session"]):
-            scope["auth"] = "cookie"
-        else:
-            for source, find in [("ticket", session_from_ticket), ("session_key", session_from_key)]:
-                session = await find(scope)
-                if session is not None:
-                    scope["session"], scope["auth"] = session, source
-                    break
+            raise ValueError("SessionAuthMiddleware needs to run inside of SessionMiddleware.")
+        scope = dict(scope)
+        scope["session"], scope["auth"], scope["user"] = await authenticate(scope)
         return await self.inner(scope, receive, send)
 
 
-class AuthMiddleware(channels_auth.AuthMiddleware):
-    """
-    Channels' AuthMiddleware, checking the session as Django's get_user does, old keys in
-    SECRET_KEY_FALLBACKS included, and never writing to the session.
-    """
-
-    async def resolve_scope(self, scope):
-        scope["user"]._wrapped = await database_sync_to_async(user_from_session)(scope["session"])
-
-
 def SessionKeyAuthMiddlewareStack(inner):
-    """Channels' AuthMiddlewareStack, with the ticket and session-key fallbacks inside it."""
-    return CookieMiddleware(SessionMiddleware(FallbackSessionMiddleware(AuthMiddleware(inner))))
+    """Channels' AuthMiddlewareStack, with tickets and the session-key fallback."""
+    return CookieMiddleware(SessionMiddleware(SessionAuthMiddleware(inner)))
 
 
-async def session_from_ticket(scope):
-    """Return the logged-in session a ticket names, redeeming the ticket; else None."""
+async def authenticate(scope):
+    """Return (session, source, user): precedence is the cookie, a ticket, the session key."""
+    # No cookie, no round trip: cross-domain sockets never bring one.
+    if settings.SESSION_COOKIE_NAME in scope["cookies"]:
+        user = await session_user(scope["session"])
+        if user is not None:
+            return scope["session"], "cookie", user
+    for source, session_key in [("ticket", await ticket_session_key(scope)),
+                                (settings.WS_SESSION_KEY_PARAM, session_key_credential(scope))]:
+        if session_key is None:
+            continue
+        session = import_module(settings.SESSION_ENGINE).SessionStore(session_key)
+        user = await session_user(session)
+        if user is not None:
+            return session, "ticket" if source == "ticket" else "session_key", user
+        refuse(source, "unknown, expired or anonymous session")
+    return scope["session"], "none", AnonymousUser()
+
+
+async def ticket_session_key(scope):
+    """Redeem the ticket the socket brings; return its session key, or None."""
     ticket = credential(scope, "ticket")
     if ticket is None:
         return None
@@ -98,27 +99,18 @@ async def session_from_ticket(scope):
         return refuse("ticket", f"Redis unreachable ({type(exc).__name__})")
     if session_key is None:
         return refuse("ticket", "unknown, expired or already used")
-    return await logged_in_session("ticket", session_key)
+    return session_key
 
 
-async def session_from_key(scope):
-    """Return the logged-in session the session-key credential names, or None."""
+def session_key_credential(scope):
+    """Return the well-formed session key the socket brings, or None."""
     name = settings.WS_SESSION_KEY_PARAM
     if not settings.WS_SESSION_KEY_FALLBACK:
         return None
     session_key = credential(scope, name)
-    if session_key is None:
-        return None
-    if not SESSION_KEY_RE.fullmatch(session_key):
+    if session_key is not None and not SESSION_KEY_RE.fullmatch(session_key):
         return refuse(name, f"malformed ({len(session_key)} characters)")
-    return await logged_in_session(name, session_key)
-
-
-async def logged_in_session(name, session_key):
-    session = import_module(settings.SESSION_ENGINE).SessionStore(session_key)
-    if not await has_user(session):
-        return refuse(name, "unknown, expired or anonymous session")
-    return session
+    return session_key
 
 
 def credential(scope, name):
@@ -155,14 +147,13 @@ def refuse(name, reason):
 
 
 @database_sync_to_async
-def has_user(session):
-    """Return True if the session exists, is unexpired and holds a logged-in user."""
+def session_user(session):
+    """Return the user a session authenticates, or None; loading never creates or saves."""
     try:
-        # Loading never creates or saves: an unknown key stays unknown.
-        return SESSION_KEY in session
+        return authenticated_user(session, lambda backend, user_id: backend.get_user(user_id))
     except DatabaseError as exc:
         logger.warning("session store unreachable: %s", type(exc).__name__)
-        return False
+        return None
 
 
 def authenticated_user(session, get_user):
@@ -189,7 +180,3 @@ def authenticated_user(session, get_user):
     return None
 
 
-def user_from_session(session):
-    """Return the session's user, or AnonymousUser."""
-    user = authenticated_user(session, lambda backend, user_id: backend.get_user(user_id))
-    return user or AnonymousUser()

@@ -6,7 +6,7 @@ from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
 from redis.exceptions import RedisError
 
-from .groups import LIVE_GROUP, MAX_TEXT, session_group, user_group
+from .groups import LIVE_GROUP, MAX_TEXT
 from .upkeep import upkeep
 
 logger = logging.getLogger(__name__)
@@ -38,16 +38,14 @@ def whoami(scope):
 class RealtimeConsumer(AsyncJsonWebsocketConsumer):
     """
     Accept with the "realtime" subprotocol when offered, and close with SESSION_ENDED
-    when the session behind a logged-in socket ends: at once on logout (pushed through
-    the channel layer), or at the process's next re-check (asgi_site.upkeep).
+    when the session behind a logged-in socket ends: at once on logout, or at the
+    process's next re-check (both in asgi_site.upkeep).
     """
 
     async def connect(self):
         user = self.scope["user"]
         if user.is_authenticated:
-            session_key = self.scope["session"].session_key
-            await self.join(session_group(session_key), user_group(user.pk))
-            upkeep().add(self, session_key, user.pk)
+            upkeep().add(self, self.scope["session"].session_key, user.pk)
         else:
             upkeep().add(self)
         offered = SUBPROTOCOL in self.scope.get("subprotocols", [])
@@ -67,9 +65,6 @@ class RealtimeConsumer(AsyncJsonWebsocketConsumer):
 
     async def end_session(self):
         await self.close(SESSION_ENDED)
-
-    async def session_end(self, event):
-        await self.end_session()
 
 
 class WhoAmIConsumer(RealtimeConsumer):

@@ -1,6 +1,6 @@
 """
 The channel-layer contract between the two halves: wsgi_site sends to these groups,
-asgi_site's consumers listen on them.
+asgi_site listens on them.
 """
 
 import hashlib
@@ -9,14 +9,12 @@ import hashlib
 LIVE_GROUP = "live"
 # The longest text an announcement or message may carry.
 MAX_TEXT = 1000
+# One listener per Daphne process (asgi_site.upkeep), not one membership per socket:
+# {"type": "session.end", "session": session_hash(key)} or {..., "user": pk} closes
+# the matching sockets of every process.
+SESSION_EVENTS = "session-events"
 
 
-def session_group(session_key):
-    """Every socket opened with this session; logout sends {"type": "session.end"} here."""
-    # Hashed: the key is a credential, and group names end up in Redis.
-    return "session." + hashlib.sha256(session_key.encode()).hexdigest()
-
-
-def user_group(user_pk):
-    """Every logged-in socket of this user; "log out everywhere" sends here."""
-    return f"user.{user_pk}"
+def session_hash(session_key):
+    # The key is a credential; what travels through Redis is its hash.
+    return hashlib.sha256(session_key.encode()).hexdigest()

@@ -1,11 +1,12 @@
 """
 Upkeep of every open socket in this Daphne process, done once for all of them.
 
-Every WS_SESSION_RECHECK_SECONDS one task per process re-checks every session its
-logged-in sockets stand on, in two queries however many sockets there are, and closes
-(4401) the sockets whose session no longer stands: expired, deleted, user deactivated,
-password changed elsewhere. Logout closes sockets at once, by a push through the
-channel layer; this catches what no push announces.
+Logout ends sockets at once: the HTTP side sends one "session.end" event to the
+SESSION_EVENTS group, where one listener per process closes (4401) its matching
+sockets; no socket joins a group of its own for that. Every WS_SESSION_RECHECK_SECONDS
+one task per process re-checks every session its logged-in sockets stand on, in two
+queries however many sockets there are, and closes the sockets whose session no longer
+stands: expired, deleted, user deactivated, password changed elsewhere.
 
 The same task re-joins every socket's groups after the channel layer saw Redis go away
 (Redis may have lost them), and every GROUP_REFRESH_SECONDS, before channels-redis'
@@ -19,12 +20,15 @@ import weakref
 from importlib import import_module
 
 from channels.db import database_sync_to_async
+from channels.layers import get_channel_layer
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.db import DatabaseError
 from django.utils import timezone
+from redis.exceptions import RedisError
 
 from .auth import authenticated_user
+from .groups import SESSION_EVENTS, session_hash
 
 logger = logging.getLogger(__name__)
 
@@ -33,24 +37,29 @@ IN_CLAUSE = 500  # session keys per query, well under every database's parameter
 
 
 class Upkeep:
-    """The open sockets of one event loop, and the task that keeps them."""
+    """The open sockets of one event loop, the task that keeps them, and its listener."""
 
     def __init__(self):
-        self.sessions = {}  # consumer -> (session_key, user_pk), logged-in sockets only
         self.consumers = set()
-        self.task = None
+        self.sessions = {}  # consumer -> (session_key, user_pk), logged-in sockets only
+        self.hashes = {}  # consumer -> session_hash(session_key)
+        self.task = self.listener = self.channel = None
         self.rejoined = time.monotonic()
 
     def add(self, consumer, session_key=None, user_pk=None):
         self.consumers.add(consumer)
         if session_key is not None:
             self.sessions[consumer] = (session_key, user_pk)
+            self.hashes[consumer] = session_hash(session_key)
         if self.task is None:
             self.task = asyncio.create_task(self.run())
+        if self.listener is None:
+            self.listener = asyncio.create_task(self.listen())
 
     def discard(self, consumer):
         self.consumers.discard(consumer)
         self.sessions.pop(consumer, None)
+        self.hashes.pop(consumer, None)
 
     async def run(self):
         try:
@@ -61,28 +70,56 @@ class Upkeep:
         finally:
             self.task = None
 
+    async def listen(self):
+        """Close this process's sockets named by each session.end event, for good."""
+        layer = get_channel_layer()
+        self.channel = await layer.new_channel()
+        await self.join_events(layer)
+        while True:
+            event = await layer.receive(self.channel)
+            if event.get("type") == "session.end":
+                await self.end_sessions(event)
+
+    async def join_events(self, layer):
+        try:
+            await layer.group_add(SESSION_EVENTS, self.channel)
+        except (OSError, RedisError) as exc:
+            # Sockets still end at the next re-check; upkeep joins again once Redis is back.
+            logger.warning("channel layer unreachable, session events not joined: %r", exc)
+
+    async def end_sessions(self, event):
+        for consumer, (session_key, user_pk) in list(self.sessions.items()):
+            ended_session = "session" in event and self.hashes[consumer] == event["session"]
+            ended_user = "user" in event and user_pk == event["user"]
+            if ended_session or ended_user:
+                self.discard(consumer)
+                await consumer.end_session()
+
     async def recheck_sessions(self):
         pairs = set(self.sessions.values())
         if not pairs:
             return
+        began = time.monotonic()
         try:
             standing = await sessions_standing(pairs)
         except DatabaseError as exc:
             # Keep the sockets: a database blip is not a logout.
             logger.warning("session re-check failed: %s", type(exc).__name__)
             return
+        logger.info("re-checked %d sessions of %d sockets in %.1f ms", len(pairs),
+                    len(self.sessions), (time.monotonic() - began) * 1000)
         for consumer, pair in list(self.sessions.items()):
             if pair not in standing:
                 self.discard(consumer)
                 await consumer.end_session()
 
     async def rejoin_groups(self):
-        layer_outage = max(
-            (getattr(c.channel_layer, "last_outage", 0) for c in self.consumers), default=0
-        )
+        layer = get_channel_layer()
         due = time.monotonic() - self.rejoined > GROUP_REFRESH_SECONDS
-        if layer_outage > self.rejoined or due:
+        if getattr(layer, "last_outage", 0) > self.rejoined or due:
             self.rejoined = time.monotonic()
+            if self.channel is not None:
+                await self.join_events(layer)
             for consumer in list(self.consumers):
                 await consumer.join(*consumer.groups)
 

@@ -11,4 +11,4 @@ exec daphne \
   --access-log /dev/null \
   --ping-interval 20 --ping-timeout 30 \
   --websocket-max-message-size "${WS_MAX_MESSAGE_SIZE:-65536}" \
-  asgi_site.asgi:application
+  "${ASGI_APP:-asgi_site.asgi:application}"

@@ -30,6 +30,11 @@ DATABASES = {
         "DATABASE_URL", default=f"sqlite:///{TOPOLOGY.state_dir / 'db.sqlite3'}"
     )
 }
+# Keep connections: with Django's default of 0, every database_sync_to_async hop on the
+# socket side closes its connection and the next handshake opens a new one (measured:
+# a quarter of a Daphne process's time went there; bench/README).
+DATABASES["default"]["CONN_MAX_AGE"] = env.int("CONN_MAX_AGE", default=60)
+DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # Gunicorn workers and Daphne processes write to one file: WAL lets readers
     # run beside a writer, IMMEDIATE makes writers queue instead of failing.
@@ -55,10 +60,15 @@ CSRF_TRUSTED_ORIGINS = [TOPOLOGY.app_origin]
 SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 
 REDIS_URL = env.str("REDIS_URL", default=TOPOLOGY.redis_url)
+CHANNEL_LAYER_BACKENDS = {
+    # channels-redis' list-based layer, surviving a Redis restart (asgi_site/layers.py):
+    # what this project ships. "pubsub" is for comparison (bench/fanout.py).
+    "redis": "asgi_site.layers.ResilientRedisChannelLayer",
+    "pubsub": "channels_redis.pubsub.RedisPubSubChannelLayer",
+}
 CHANNEL_LAYERS = {
     "default": {
-        # channels-redis' layer, surviving a Redis restart (asgi_site/layers.py).
-        "BACKEND": "asgi_site.layers.ResilientRedisChannelLayer",
+        "BACKEND": CHANNEL_LAYER_BACKENDS[env.str("CHANNEL_LAYER", default="redis")],
         "CONFIG": {"hosts": [REDIS_URL]},
     }
 }

@@ -41,3 +41,24 @@ def test_ended_sessions_are_left_out():
     user.save()
     wrong_user = (kept[0], kept[1] + 1000)
     assert async_to_sync(sessions_standing)({*pairs, wrong_user}) == {kept}
+
+
+def test_a_session_end_closes_only_the_matching_sockets():
+    from asgi_site.groups import session_hash
+    from asgi_site.upkeep import Upkeep
+
+    class Socket:
+        ended = False
+
+        async def end_session(self):
+            self.ended = True
+
+    keep = Upkeep()
+    mine, other_session, other_user, anonymous = Socket(), Socket(), Socket(), Socket()
+    keep.sessions = {mine: ("k1", 1), other_session: ("k2", 1), other_user: ("k3", 2)}
+    keep.hashes = {s: session_hash(k) for s, (k, _) in keep.sessions.items()}
+    keep.consumers = {mine, other_session, other_user, anonymous}
+    async_to_sync(keep.end_sessions)({"type": "session.end", "session": session_hash("k1")})
+    assert [s.ended for s in (mine, other_session, other_user, anonymous)] == [True, False, False, False]
+    async_to_sync(keep.end_sessions)({"type": "session.end", "user": 1})
+    assert [s.ended for s in (other_session, other_user, anonymous)] == [True, False, False]

@@ -10,7 +10,7 @@ from django.db.models.signals import post_save
 from django.dispatch import receiver
 from redis.exceptions import RedisError
 
-from asgi_site.groups import session_group
+from asgi_site.groups import SESSION_EVENTS, session_hash
 
 from .models import UserSession
 
@@ -28,13 +28,13 @@ def record_session_user(sender, instance, **kwargs):
 @receiver(user_logged_out)
 def end_sockets_of_session(sender, request, user, **kwargs):
     if request is not None and request.session.session_key:
-        end_sockets(session_group(request.session.session_key))
+        end_sockets(session=session_hash(request.session.session_key))
 
 
-def end_sockets(group):
-    """Close every socket in `group` with SESSION_ENDED, on every Daphne process."""
+def end_sockets(**which):
+    """Close, on every Daphne process, the sockets of a session (session=hash) or user (user=pk)."""
     try:
-        async_to_sync(get_channel_layer().group_send)(group, {"type": "session.end"})
+        async_to_sync(get_channel_layer().group_send)(SESSION_EVENTS, {"type": "session.end", **which})
     except (OSError, RedisError) as exc:
         # The logout itself stands; sockets end at their next re-check instead.
         logger.warning("sockets not told of logout, channel layer unreachable: %r", exc)

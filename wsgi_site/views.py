@@ -13,7 +13,7 @@ from django.views.decorators.http import require_GET, require_POST
 from redis.exceptions import RedisError
 
 from asgi_site import tickets
-from asgi_site.groups import LIVE_GROUP, MAX_TEXT, user_group
+from asgi_site.groups import LIVE_GROUP, MAX_TEXT
 from asgi_site.routing import SOCKET_PATHS
 
 from .models import UserSession
@@ -130,7 +130,7 @@ def logout_everywhere(request):
     if request.user.is_authenticated:
         sessions = UserSession.objects.filter(user=request.user).values("session")
         Session.objects.filter(pk__in=sessions).delete()
-        end_sockets(user_group(request.user.pk))
+        end_sockets(user=request.user.pk)
     logout(request)
     return redirect(settings.LOGOUT_REDIRECT_URL)
 
