@@ -74,15 +74,18 @@ async def authenticate(scope):
         user = await session_user(scope["session"])
         if user is not None:
             return scope["session"], "cookie", user
-    for source, session_key in [("ticket", await ticket_session_key(scope)),
-                                (settings.WS_SESSION_KEY_PARAM, session_key_credential(scope))]:
+    fallbacks = [  # (scope["auth"], the name refusals are logged under, the session key)
+        ("ticket", "ticket", await ticket_session_key(scope)),
+        ("session_key", settings.WS_SESSION_KEY_PARAM, session_key_credential(scope)),
+    ]
+    for source, name, session_key in fallbacks:
         if session_key is None:
             continue
         session = import_module(settings.SESSION_ENGINE).SessionStore(session_key)
         user = await session_user(session)
         if user is not None:
-            return session, "ticket" if source == "ticket" else "session_key", user
-        refuse(source, "unknown, expired or anonymous session")
+            return session, source, user
+        refuse(name, "unknown, expired or anonymous session")
     return scope["session"], "none", AnonymousUser()
 
 

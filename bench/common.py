@@ -4,6 +4,7 @@ import contextlib
 import json
 import os
 import platform
+import signal
 import statistics
 import sys
 import tempfile
@@ -18,6 +19,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 @contextlib.contextmanager
 def running_stack(port, asgi_processes=2, **env):
     """The native runtime, as `make up-cross-domain` runs it, on ports from `port`."""
+    # A benchmark stopped with SIGTERM still stops its stack (the `finally` below).
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     with tempfile.TemporaryDirectory(prefix="bench-") as state:
         stack = Stack("cross-domain", port, state, asgi_processes=asgi_processes,
                       extra_env={k: str(v) for k, v in env.items()}).start()

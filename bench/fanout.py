@@ -13,6 +13,7 @@ import json
 import statistics
 import time
 
+import websockets
 from common import fmt, running_stack, spread, write
 from soak import open_sockets
 
@@ -39,14 +40,21 @@ async def announce_and_time(stack, session, sockets, text):
 
 
 async def one_round(stack, sizes, announcements):
+    """Return ({size: [(first, median, last), ...]}, {size: why it could not be reached})."""
     session, key = stack.login()
-    sockets, timings = [], {}
+    sockets, timings, failures = [], {}, {}
     for size in sizes:
-        sockets += await open_sockets(stack, key, size - len(sockets))
+        print(f"  {size:,} sockets...", flush=True)
+        try:
+            sockets += await open_sockets(stack, key, size - len(sockets))
+        except (OSError, websockets.InvalidStatus, asyncio.TimeoutError) as exc:
+            failures[size] = f"could not open {size:,} sockets: {exc}"
+            print("  " + failures[size], flush=True)
+            break
         timings[size] = [await announce_and_time(stack, session, sockets, f"{size}-{i}")
                          for i in range(announcements)]
-    await asyncio.gather(*(ws.close() for ws in sockets))
-    return timings
+    await asyncio.gather(*(ws.close() for ws in sockets), return_exceptions=True)
+    return timings, failures
 
 
 def main():
@@ -57,16 +65,23 @@ def main():
     parser.add_argument("--port", type=int, default=26000)
     args = parser.parse_args()
     runs = {layer: {size: [] for size in args.sizes} for layer in LAYERS}
+    failed = {layer: {} for layer in LAYERS}
     for round_ in range(args.rounds):
         for layer in LAYERS:
+            print(f"round {round_ + 1}, {LAYERS[layer]}", flush=True)
             with running_stack(args.port, CHANNEL_LAYER=layer) as stack:
-                for size, timings in asyncio.run(one_round(stack, args.sizes, args.announcements)).items():
-                    runs[layer][size] += timings
-    figures, table = {"settings": vars(args), "layers": {}}, [
+                timings, failures = asyncio.run(one_round(stack, args.sizes, args.announcements))
+            for size, measured in timings.items():
+                runs[layer][size] += measured
+            failed[layer].update(failures)
+    figures, table = {"settings": vars(args), "layers": {}, "failed": failed}, [
         ["layer", "sockets", "first ms", "median ms", "last ms"]]
     for layer, label in LAYERS.items():
         figures["layers"][layer] = {}
         for size in args.sizes:
+            if not runs[layer][size]:
+                table.append([label, f"{size:,}", "failed", failed[layer].get(size, "not reached"), ""])
+                continue
             first, median, last = ([t[i] * 1000 for t in runs[layer][size]] for i in range(3))
             entry = {"first_ms": spread(first), "median_ms": spread(median), "last_ms": spread(last)}
             figures["layers"][layer][size] = entry
@@ -87,7 +102,8 @@ def chart(figures, sizes):
     fig, ax = plt.subplots(figsize=(8, 4))
     width = 0.38
     for i, (layer, label) in enumerate(LAYERS.items()):
-        lasts = [figures["layers"][layer][size]["last_ms"]["median"] for size in sizes]
+        lasts = [figures["layers"][layer].get(size, {}).get("last_ms", {}).get("median", 0)
+                 for size in sizes]
         ax.bar([x + i * width for x in range(len(sizes))], lasts, width, label=label)
     ax.set_xticks([x + width / 2 for x in range(len(sizes))], [f"{s:,} sockets" for s in sizes])
     ax.set_ylabel("ms until the last socket has it")
