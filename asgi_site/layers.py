@@ -3,24 +3,36 @@ import logging
 import time
 
 from channels_redis.core import RedisChannelLayer
-from redis.exceptions import RedisError
+from redis.asyncio import BlockingConnectionPool
+from redis.exceptions import ConnectionError, RedisError
 
 logger = logging.getLogger(__name__)
 
 RETRY_SECONDS = 1
 LOG_EVERY_SECONDS = 5
+POOL_SIZE = 100  # redis-py's default
+POOL_WAIT_SECONDS = 10
 
 
 class ResilientRedisChannelLayer(RedisChannelLayer):
     """
     channels-redis' RedisChannelLayer, except that receive() waits for Redis to come back
     instead of raising: the stock layer's error ends every consumer, and so every open
-    socket, when Redis restarts. Sends still raise, so callers can answer 503.
+    socket, when Redis restarts. Sends still raise, so callers can answer 503. And a burst
+    of commands waits for a pooled connection instead of failing.
     """
 
     _last_logged = 0.0
     # When receive() last found Redis gone: asgi_site.upkeep re-joins groups after it.
     last_outage = 0.0
+
+    def create_pool(self, index):
+        # The stock pool raises MaxConnectionsError on the 101st concurrent command: a burst
+        # of handshakes, each joining a group, then leaves sockets out of their groups.
+        host = dict(self.hosts[index])
+        return BlockingConnectionPool.from_url(
+            host.pop("address"), max_connections=POOL_SIZE, timeout=POOL_WAIT_SECONDS, **host
+        )
 
     async def receive(self, channel):
         while True:
@@ -31,8 +43,12 @@ class ResilientRedisChannelLayer(RedisChannelLayer):
                 await asyncio.sleep(RETRY_SECONDS)
 
     def _log_outage(self, exc):
+        now = time.monotonic()
+        # Only a lost connection can mean a Redis that restarted and lost our groups; a slow
+        # command under load is retried without that.
+        if isinstance(exc, (ConnectionError, ConnectionRefusedError, ConnectionResetError)):
+            self.last_outage = now
         # Every waiting consumer lands here; say it once every few seconds, not once each.
-        now = self.last_outage = time.monotonic()
         if now - self._last_logged > LOG_EVERY_SECONDS:
             self._last_logged = now
             logger.warning("channel layer unreachable, retrying every %s s: %r", RETRY_SECONDS, exc)
