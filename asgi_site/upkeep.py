@@ -88,7 +88,7 @@ class Upkeep:
             logger.warning("channel layer unreachable, session events not joined: %r", exc)
 
     async def end_sessions(self, event):
-        for consumer, (session_key, user_pk) in list(self.sessions.items()):
+        for consumer, (_, user_pk) in list(self.sessions.items()):
             ended_session = "session" in event and self.hashes[consumer] == event["session"]
             ended_user = "user" in event and user_pk == event["user"]
             if ended_session or ended_user:

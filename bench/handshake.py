@@ -114,8 +114,8 @@ def report(runs, generators, args):
     for name, label in VARIANTS.items():
         rates = [r["rate"] for r in runs[name]]
         # Ratios within each round: A and B measured side by side, minutes apart at most.
-        to_none = [r["rate"] / n["rate"] for r, n in zip(runs[name], runs["none"])]
-        to_channels = [r["rate"] / c["rate"] for r, c in zip(runs[name], runs["channels"])]
+        to_none = [r["rate"] / n["rate"] for r, n in zip(runs[name], runs["none"], strict=True)]
+        to_channels = [r["rate"] / c["rate"] for r, c in zip(runs[name], runs["channels"], strict=True)]
         entry = {"label": label, "rate": spread(rates),
                  "p50_ms": spread([r["p50"] * 1000 for r in runs[name]]),
                  "p99_ms": spread([r["p99"] * 1000 for r in runs[name]]),
@@ -125,7 +125,7 @@ def report(runs, generators, args):
                       fmt(entry["ratio_to_none"], 2), fmt(entry["ratio_to_channels"], 2)])
     one, two = spread(generators[1]), spread(generators[2])
     figures["generator"] = {"one_process": one, "two_processes": two,
-                            "ratio_two_to_one": spread([b / a for a, b in zip(generators[1], generators[2])])}
+                            "ratio_two_to_one": spread([b / a for a, b in zip(generators[1], generators[2], strict=True)])}
     table.append(["(3) with 1 generator process → 2", f"{fmt(one)} → {fmt(two)}", "", "",
                   "", f"×{figures['generator']['ratio_two_to_one']['median']:.2f}"])
     write("handshake", figures, table)

@@ -6,7 +6,6 @@ import re
 import time
 
 import requests
-import websockets
 
 from tests.stack import Stack
 
@@ -65,7 +64,7 @@ def test_logout_closes_sockets_on_both_daphne_processes_within_a_second(cross_st
 
     async def run():
         sockets = []
-        for port, ticket in zip(cross_stack.daphne_ports, tickets):
+        for port, ticket in zip(cross_stack.daphne_ports, tickets, strict=True):
             ws, frame = await opened(cross_stack, port=port, query=f"?ticket={ticket}")
             assert frame["auth"] == "ticket"
             sockets.append(ws)
