@@ -138,6 +138,10 @@ def test_logout_in_another_tab_closes_this_tabs_sockets(browser, cross_stack):
     first.wait_for_selector("#live-status:has-text('close code 4401')", timeout=5000)
     assert first.text_content("#live-status") == (
         "closed (close code 4401): your session ended, log in again")
+    # Each socket's close arrives on its own, from either Daphne process: wait for the four.
+    first.wait_for_function(
+        "() => document.querySelectorAll('#sockets tbody tr[data-closed]').length >= 4",
+        timeout=5000)
     closed = first.eval_on_selector_all("#sockets tbody tr", "rows => rows.map(r => r.dataset.closed)")
     # The cookie-only row was anonymous: nothing to end. Every logged-in row ended with 4401.
     assert closed == [None, "4401", "4401", "4401", "4401"]
