@@ -10,7 +10,7 @@ TEST_TOOLS := nginx redis-server chromium docker-compose
 
 COMPOSE := docker compose --env-file deploy/cross-domain.env -f deploy/compose.yaml
 
-.PHONY: help up-same-domain up-cross-domain down test bench soak env-files clean
+.PHONY: help up-same-domain up-cross-domain down test lint format bench soak env-files clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -25,19 +25,28 @@ down: ## Stop the compose stack (the native one stops with Ctrl-C)
 	SECRET_KEY=unused POSTGRES_PASSWORD=unused $(COMPOSE) down --remove-orphans
 
 env-files: $(VENV)/.installed ## Rewrite deploy/*.env from shared_settings/topology.py
-	$(PY) deploy/envfiles.py
+	$(PY) -m deploy.envfiles
 
 test: $(VENV)/.installed ## Run every test: unit, real stack, browser, compose (installs what is missing)
 	@deploy/require.sh $(TEST_TOOLS)
 	$(PY) -m pytest
 
+lint: $(VENV)/.installed ## Check the code: ruff check, ruff format --check, mypy with django-stubs
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+format: $(VENV)/.installed ## Rewrite the code as `make lint` wants it (ruff format, ruff check --fix)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
 bench: $(VENV)/.installed ## Measure handshake cost, fan-out and capacity; write bench/results/ (about 10 min)
 	@deploy/require.sh nginx redis-server
-	cd bench && ../$(PY) handshake.py && ../$(PY) fanout.py && ../$(PY) capacity.py
+	$(PY) -m bench.handshake && $(PY) -m bench.fanout && $(PY) -m bench.capacity
 
 soak: $(VENV)/.installed ## Hold 5,000 authenticated sockets for 60 s, announce once, print memory and delivery time
 	@deploy/require.sh nginx redis-server
-	$(PY) bench/soak.py $(SOAK_ARGS)
+	$(PY) -m bench.soak $(SOAK_ARGS)
 
 clean: ## Remove the virtualenv and local state (var/)
 	rm -rf $(VENV) var

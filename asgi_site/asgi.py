@@ -8,7 +8,7 @@ django_asgi_app = get_asgi_application()
 
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
-from .auth import SessionKeyAuthMiddlewareStack  # noqa: E402
+from .auth import SessionAuthMiddlewareStack  # noqa: E402
 from .origins import TopologyOriginValidator  # noqa: E402
 from .routing import websocket_urlpatterns  # noqa: E402
 
@@ -16,7 +16,7 @@ application = ProtocolTypeRouter(
     {
         "http": django_asgi_app,
         "websocket": TopologyOriginValidator(
-            SessionKeyAuthMiddlewareStack(URLRouter(websocket_urlpatterns))
+            SessionAuthMiddlewareStack(URLRouter(websocket_urlpatterns))
         ),
     }
 )

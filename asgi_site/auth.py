@@ -11,7 +11,9 @@ a logged-in user, then a ticket, then the session key.
 
 import logging
 import re
+from collections.abc import Callable
 from importlib import import_module
+from typing import Any
 from urllib.parse import parse_qsl
 
 from channels.db import database_sync_to_async
@@ -24,13 +26,14 @@ from django.contrib.auth import (
     get_user_model,
     load_backend,
 )
+from django.contrib.auth.base_user import AbstractBaseUser
 from django.contrib.auth.models import AnonymousUser
-from django.contrib.sessions.backends.base import VALID_KEY_CHARS
+from django.contrib.sessions.backends.base import VALID_KEY_CHARS, SessionBase
 from django.db import DatabaseError
 from django.utils.crypto import constant_time_compare
 from redis.exceptions import RedisError
 
-from . import tickets
+from contract import tickets
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +43,8 @@ logger = logging.getLogger(__name__)
 SESSION_KEY_RE = re.compile(f"[{VALID_KEY_CHARS}]{{8,40}}")
 # A handshake carries a handful of parameters; more than this is an attack on the parser.
 MAX_QUERY_FIELDS = 20
+
+Scope = dict[str, Any]
 
 
 class SessionAuthMiddleware:
@@ -62,12 +67,21 @@ class SessionAuthMiddleware:
         return await self.inner(scope, receive, send)
 
 
-def SessionKeyAuthMiddlewareStack(inner):
-    """Channels' AuthMiddlewareStack, with tickets and the session-key fallback."""
+def SessionAuthMiddlewareStack(inner):
+    """
+    Channels' AuthMiddlewareStack, with every credential a socket on another domain may
+    bring: the cookie, a ticket, or the session key.
+    """
     return CookieMiddleware(SessionMiddleware(SessionAuthMiddleware(inner)))
 
 
-async def authenticate(scope):
+# The name this stack had when the session key was its only credential; kept for imports of it.
+SessionKeyAuthMiddlewareStack = SessionAuthMiddlewareStack
+
+
+async def authenticate(
+    scope: Scope,
+) -> tuple[SessionBase, str, AbstractBaseUser | AnonymousUser]:
     """Return (session, source, user): precedence is the cookie, a ticket, the session key."""
     # No cookie, no round trip: cross-domain sockets never bring one.
     if settings.SESSION_COOKIE_NAME in scope["cookies"]:
@@ -89,7 +103,7 @@ async def authenticate(scope):
     return scope["session"], "none", AnonymousUser()
 
 
-async def ticket_session_key(scope):
+async def ticket_session_key(scope: Scope) -> str | None:
     """Redeem the ticket the socket brings; return its session key, or None."""
     ticket = credential(scope, "ticket")
     if ticket is None:
@@ -105,7 +119,7 @@ async def ticket_session_key(scope):
     return session_key
 
 
-def session_key_credential(scope):
+def session_key_credential(scope: Scope) -> str | None:
     """Return the well-formed session key the socket brings, or None."""
     name = settings.WS_SESSION_KEY_PARAM
     if not settings.WS_SESSION_KEY_FALLBACK:
@@ -116,14 +130,14 @@ def session_key_credential(scope):
     return session_key
 
 
-def credential(scope, name):
+def credential(scope: Scope, name: str) -> str | None:
     """
     Return credential `name` from the query string (name=value) or the subprotocols
     (name.value), or None. Given more than once, or both ways, it is refused.
     """
     prefix = name + "."
     values = query_values(scope, name) + [
-        protocol[len(prefix):]
+        protocol[len(prefix) :]
         for protocol in scope.get("subprotocols", [])
         if protocol.startswith(prefix)
     ]
@@ -132,7 +146,7 @@ def credential(scope, name):
     return values[0] if values else None
 
 
-def query_values(scope, name):
+def query_values(scope: Scope, name: str) -> list[str]:
     """Return every value of `name` in the scope's query string ([] if unreadable)."""
     try:
         query = scope.get("query_string", b"").decode("ascii")
@@ -143,14 +157,15 @@ def query_values(scope, name):
     return [value for key, value in pairs if key == name]
 
 
-def refuse(name, reason):
+def refuse(name: str, reason: str) -> str | None:
+    # Log why a credential was refused, and stand in for it as None ("return refuse(...)").
     # The reason is logged; the value never is, not even in part.
     logger.info("%s refused: %s", name, reason)
     return None
 
 
 @database_sync_to_async
-def session_user(session):
+def session_user(session: SessionBase) -> AbstractBaseUser | None:
     """Return the user a session authenticates, or None; loading never creates or saves."""
     try:
         return authenticated_user(session, lambda backend, user_id: backend.get_user(user_id))
@@ -159,7 +174,9 @@ def session_user(session):
         return None
 
 
-def authenticated_user(session, get_user):
+def authenticated_user(
+    session: Any, get_user: Callable[[Any, Any], AbstractBaseUser | None]
+) -> AbstractBaseUser | None:
     """
     Return the user the session data authenticates, or None: Django's get_user, except
     that a session verified by an old key is kept as it is (a socket cannot send the
@@ -181,5 +198,3 @@ def authenticated_user(session, get_user):
     if any(constant_time_compare(session_hash, known) for known in hashes):
         return user
     return None
-
-

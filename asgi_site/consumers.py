@@ -4,9 +4,10 @@ import time
 
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
-from redis.exceptions import RedisError
 
-from .groups import LIVE_GROUP, MAX_TEXT
+from contract.groups import LIVE_GROUP, clean_text, live_message
+from contract.layers import LAYER_ERRORS, UNAVAILABLE
+
 from .upkeep import upkeep
 
 logger = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ class RealtimeConsumer(AsyncJsonWebsocketConsumer):
         try:
             for group in groups:
                 await self.channel_layer.group_add(group, self.channel_name)
-        except (OSError, RedisError) as exc:
+        except LAYER_ERRORS as exc:
             # The socket still works; upkeep joins again once Redis is back.
             logger.warning("channel layer unreachable, groups not joined: %r", exc)
 
@@ -104,8 +105,10 @@ class LiveConsumer(RealtimeConsumer):
 
     def take_token(self):
         now = time.monotonic()
-        self.tokens = min(settings.WS_MESSAGE_BURST,
-                          self.tokens + (now - self.refilled) * settings.WS_MESSAGE_RATE)
+        self.tokens = min(
+            settings.WS_MESSAGE_BURST,
+            self.tokens + (now - self.refilled) * settings.WS_MESSAGE_RATE,
+        )
         self.refilled = now
         if self.tokens < 1:
             return False
@@ -116,21 +119,17 @@ class LiveConsumer(RealtimeConsumer):
         user = self.scope["user"]
         if not user.is_authenticated:
             raise ClientError("login required")
-        text = content.get("text") if isinstance(content, dict) else None
-        if not isinstance(text, str) or not text.strip():
-            raise ClientError('send {"text": "..."}')
-        if len(text) > MAX_TEXT:
-            raise ClientError(f"text longer than {MAX_TEXT} characters")
-        event = {"type": "live.message", "user": user.get_username(), "text": text}
         try:
-            await self.channel_layer.group_send(LIVE_GROUP, event)
-        except (OSError, RedisError):
-            raise ClientError("realtime service unavailable, try again") from None
+            text = clean_text(content.get("text") if isinstance(content, dict) else None)
+        except ValueError as exc:
+            raise ClientError(str(exc)) from None
+        try:
+            await self.channel_layer.group_send(LIVE_GROUP, live_message(user.get_username(), text))
+        except LAYER_ERRORS:
+            raise ClientError(UNAVAILABLE) from None
 
     async def live_message(self, event):
         await self.send_json({"type": "message", "user": event["user"], "text": event["text"]})
 
     async def announcement(self, event):
-        await self.send_json(
-            {"type": "announcement", "user": event["user"], "text": event["text"]}
-        )
+        await self.send_json({"type": "announcement", "user": event["user"], "text": event["text"]})

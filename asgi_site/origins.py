@@ -35,6 +35,8 @@ class TopologyOriginValidator(OriginValidator):
 
 def is_serialized_origin(parsed):
     """True for scheme://host[:port] and nothing more, the only form a browser sends."""
-    return parsed.username is None and parsed.password is None and not (
-        parsed.path or parsed.params or parsed.query or parsed.fragment
+    return (
+        parsed.username is None
+        and parsed.password is None
+        and not (parsed.path or parsed.params or parsed.query or parsed.fragment)
     )

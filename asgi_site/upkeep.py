@@ -18,6 +18,7 @@ import logging
 import time
 import weakref
 from importlib import import_module
+from typing import Any
 
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
@@ -25,10 +26,11 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.db import DatabaseError
 from django.utils import timezone
-from redis.exceptions import RedisError
+
+from contract.groups import SESSION_EVENTS, session_hash
+from contract.layers import LAYER_ERRORS
 
 from .auth import authenticated_user
-from .groups import SESSION_EVENTS, session_hash
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +48,7 @@ class Upkeep:
         self.task = self.listener = self.channel = None
         self.rejoined = time.monotonic()
 
-    def add(self, consumer, session_key=None, user_pk=None):
+    def add(self, consumer: Any, session_key: str | None = None, user_pk: Any = None) -> None:
         self.consumers.add(consumer)
         if session_key is not None:
             self.sessions[consumer] = (session_key, user_pk)
@@ -56,7 +58,7 @@ class Upkeep:
         if self.listener is None:
             self.listener = asyncio.create_task(self.listen())
 
-    def discard(self, consumer):
+    def discard(self, consumer: Any) -> None:
         self.consumers.discard(consumer)
         self.sessions.pop(consumer, None)
         self.hashes.pop(consumer, None)
@@ -83,11 +85,11 @@ class Upkeep:
     async def join_events(self, layer):
         try:
             await layer.group_add(SESSION_EVENTS, self.channel)
-        except (OSError, RedisError) as exc:
+        except LAYER_ERRORS as exc:
             # Sockets still end at the next re-check; upkeep joins again once Redis is back.
             logger.warning("channel layer unreachable, session events not joined: %r", exc)
 
-    async def end_sessions(self, event):
+    async def end_sessions(self, event: dict) -> None:
         for consumer, (_, user_pk) in list(self.sessions.items()):
             ended_session = "session" in event and self.hashes[consumer] == event["session"]
             ended_user = "user" in event and user_pk == event["user"]
@@ -106,8 +108,12 @@ class Upkeep:
             # Keep the sockets: a database blip is not a logout.
             logger.warning("session re-check failed: %s", type(exc).__name__)
             return
-        logger.info("re-checked %d sessions of %d sockets in %.1f ms", len(pairs),
-                    len(self.sessions), (time.monotonic() - began) * 1000)
+        logger.info(
+            "re-checked %d sessions of %d sockets in %.1f ms",
+            len(pairs),
+            len(self.sessions),
+            (time.monotonic() - began) * 1000,
+        )
         for consumer, pair in list(self.sessions.items()):
             if pair not in standing:
                 self.discard(consumer)
@@ -124,10 +130,10 @@ class Upkeep:
                 await consumer.join(*consumer.groups)
 
 
-_upkeeps = weakref.WeakKeyDictionary()
+_upkeeps: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Upkeep] = weakref.WeakKeyDictionary()
 
 
-def upkeep():
+def upkeep() -> Upkeep:
     """The Upkeep of the running event loop (Daphne has one; tests make many)."""
     loop = asyncio.get_running_loop()
     if loop not in _upkeeps:
@@ -136,17 +142,17 @@ def upkeep():
 
 
 @database_sync_to_async
-def sessions_standing(pairs):
+def sessions_standing(pairs: set[tuple[str, Any]]) -> set[tuple[str, Any]]:
     """
     Return the (session_key, user_pk) pairs whose session still exists, is unexpired and
     still authenticates that user: one query for the sessions, one for their users.
     """
     store = import_module(settings.SESSION_ENGINE).SessionStore
     keys = sorted({key for key, _ in pairs})
-    data = {}
+    data: dict[str, dict] = {}
     for start in range(0, len(keys), IN_CLAUSE):
         rows = store.get_model_class().objects.filter(
-            session_key__in=keys[start:start + IN_CLAUSE], expire_date__gt=timezone.now()
+            session_key__in=keys[start : start + IN_CLAUSE], expire_date__gt=timezone.now()
         )
         data.update((row.session_key, store().decode(row.session_data)) for row in rows)
     user_pks = {pk for _, pk in pairs}
@@ -159,6 +165,7 @@ def sessions_standing(pairs):
         return user if user is not None and can_authenticate(user) else None
 
     return {
-        (key, pk) for key, pk in pairs
+        (key, pk)
+        for key, pk in pairs
         if key in data and getattr(authenticated_user(data[key], get_user), "pk", None) == pk
     }

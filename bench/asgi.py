@@ -11,13 +11,13 @@ Run with ASGI_APP=bench.asgi:application (bench/handshake.py sets it).
 # First: asgi_site.asgi sets Django up, which the imports below need.
 from asgi_site.asgi import application as real  # noqa: I001
 
-from channels.auth import AuthMiddlewareStack  # noqa: E402
-from channels.routing import URLRouter  # noqa: E402
-from django.contrib.auth.models import AnonymousUser  # noqa: E402
-from django.urls import path  # noqa: E402
+from channels.auth import AuthMiddlewareStack
+from channels.routing import URLRouter
+from django.contrib.auth.models import AnonymousUser
+from django.urls import path
 
-from asgi_site.consumers import WhoAmIConsumer  # noqa: E402
-from asgi_site.origins import TopologyOriginValidator  # noqa: E402
+from asgi_site.consumers import WhoAmIConsumer
+from asgi_site.origins import TopologyOriginValidator
 
 
 class Given:
@@ -35,7 +35,9 @@ def whoami_at(prefix):
 
 
 ceiling = TopologyOriginValidator(Given(whoami_at("none"), user=AnonymousUser(), auth="none"))
-channels_stack = TopologyOriginValidator(AuthMiddlewareStack(Given(whoami_at("channels"), auth="cookie")))
+channels_stack = TopologyOriginValidator(
+    AuthMiddlewareStack(Given(whoami_at("channels"), auth="cookie"))
+)
 
 
 async def application(scope, receive, send):

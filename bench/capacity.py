@@ -9,7 +9,7 @@ Re-check cost: with 5,000 authenticated sockets over two Daphne processes re-che
 every 5 s, count what Redis and the database do per second (Redis from INFO, database
 queries from Daphne's "re-checked" log lines, two queries each).
 
-    python bench/capacity.py [--steps 0 500 1000 2000 3000 4000 6000 8000]
+    python -m bench.capacity [--steps 0 500 1000 2000 3000 4000 6000 8000]
 """
 
 import argparse
@@ -19,9 +19,11 @@ import statistics
 import time
 
 import websockets
-from common import fmt, percentile, running_stack, spread, write
-from handshake import handshakes, requests_for
-from soak import daphne_rss, open_sockets
+from redis import Redis
+
+from bench.common import fmt, percentile, running_stack, spread, write
+from bench.handshake import handshakes, requests_for
+from tests.load import daphne_rss, open_sockets
 
 P99_LIMIT_MS = 100
 RECHECK_SECONDS = 5
@@ -43,16 +45,22 @@ async def ramp(stack, steps, probes):
                 latencies, _ = await handshakes(stack, specs, 8)
                 p50s.append(percentile(latencies, 0.5) * 1000)
                 p99s.append(percentile(latencies, 0.99) * 1000)
-        except (OSError, websockets.InvalidHandshake, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError, websockets.InvalidHandshake) as exc:
             rows.append({"sockets": step, "failed": f"{type(exc).__name__}: {exc}"})
             print(rows[-1], flush=True)
             break
         p99 = statistics.median(p99s)
         rss = daphne_rss(stack)
-        rows.append({"sockets": step, "p50_ms": round(statistics.median(p50s), 1),
-                     "p99_ms": round(p99, 1), "p99_rounds_ms": [round(v, 1) for v in p99s],
-                     "rss_mib": round(rss / 1024, 1),
-                     "kib_per_socket": round((rss - baseline) / step, 1) if step else None})
+        rows.append(
+            {
+                "sockets": step,
+                "p50_ms": round(statistics.median(p50s), 1),
+                "p99_ms": round(p99, 1),
+                "p99_rounds_ms": [round(v, 1) for v in p99s],
+                "rss_mib": round(rss / 1024, 1),
+                "kib_per_socket": round((rss - baseline) / step, 1) if step else None,
+            }
+        )
         print(rows[-1], flush=True)
         if p99 > P99_LIMIT_MS:
             break
@@ -63,7 +71,7 @@ async def ramp(stack, steps, probes):
 async def recheck_load(stack, sockets, window):
     session, key = stack.login()
     held = await open_sockets(stack, key, sockets)
-    redis = __import__("redis").Redis(port=stack.redis_port)
+    redis = Redis(port=stack.redis_port)
     await asyncio.sleep(RECHECK_SECONDS * 2)  # every socket registered, re-checks running
     log_before = stack.log_text().count("re-checked")
     commands_before = redis.info("stats")["total_commands_processed"]
@@ -72,51 +80,85 @@ async def recheck_load(stack, sockets, window):
     await asyncio.sleep(window)
     seconds = time.monotonic() - began
     commands = redis.info("stats")["total_commands_processed"] - commands_before
-    calls = {name: round((n - calls_before.get(name, 0)) / seconds, 1)
-             for name, n in command_calls(redis).items() if n > calls_before.get(name, 0)}
+    calls = {
+        name: round((n - calls_before.get(name, 0)) / seconds, 1)
+        for name, n in command_calls(redis).items()
+        if n > calls_before.get(name, 0)
+    }
     rechecks = stack.log_text().count("re-checked") - log_before
-    took = [float(ms) for ms in re.findall(r"re-checked \d+ sessions of \d+ sockets in ([\d.]+) ms",
-                                            stack.log_text())]
+    took = [
+        float(ms)
+        for ms in re.findall(
+            r"re-checked \d+ sessions of \d+ sockets in ([\d.]+) ms", stack.log_text()
+        )
+    ]
     await asyncio.gather(*(ws.close() for ws in held))
-    return {"sockets": sockets, "recheck_every_s": RECHECK_SECONDS, "window_s": round(seconds, 1),
-            "redis_commands_per_s": round(commands / seconds, 1),
-            "redis_commands_per_s_by_name": dict(sorted(calls.items(), key=lambda kv: -kv[1])),
-            "db_queries_per_s": round(2 * rechecks / seconds, 2),
-            "recheck_ms": spread(took) if took else None,
-            # What the first design did, one re-check of 2 queries per socket per interval:
-            "per_socket_design_db_queries_per_s": round(2 * sockets / RECHECK_SECONDS, 1)}
+    return {
+        "sockets": sockets,
+        "recheck_every_s": RECHECK_SECONDS,
+        "window_s": round(seconds, 1),
+        "redis_commands_per_s": round(commands / seconds, 1),
+        "redis_commands_per_s_by_name": dict(sorted(calls.items(), key=lambda kv: -kv[1])),
+        "db_queries_per_s": round(2 * rechecks / seconds, 2),
+        "recheck_ms": spread(took) if took else None,
+        # What the first design did, one re-check of 2 queries per socket per interval:
+        "per_socket_design_db_queries_per_s": round(2 * sockets / RECHECK_SECONDS, 1),
+    }
 
 
 def command_calls(redis):
     """{command: calls so far}, from INFO commandstats."""
-    return {name.removeprefix("cmdstat_"): stats["calls"]
-            for name, stats in redis.info("commandstats").items()}
+    return {
+        name.removeprefix("cmdstat_"): stats["calls"]
+        for name, stats in redis.info("commandstats").items()
+    }
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, nargs="+", default=[0, 500, 1000, 2000, 3000, 4000, 6000, 8000])
+    parser.add_argument(
+        "--steps", type=int, nargs="+", default=[0, 500, 1000, 2000, 3000, 4000, 6000, 8000]
+    )
     parser.add_argument("--probes", type=int, default=150)
     parser.add_argument("--recheck-sockets", type=int, default=5000)
     parser.add_argument("--window", type=float, default=30)
-    parser.add_argument("--port", type=int, default=27000)
     args = parser.parse_args()
-    with running_stack(args.port, asgi_processes=1) as stack:
+    with running_stack(asgi_processes=1) as stack:
         steps = asyncio.run(ramp(stack, args.steps, args.probes))
-    with running_stack(args.port, WS_SESSION_RECHECK_SECONDS=RECHECK_SECONDS) as stack:
+    with running_stack(WS_SESSION_RECHECK_SECONDS=RECHECK_SECONDS) as stack:
         recheck = asyncio.run(recheck_load(stack, args.recheck_sockets, args.window))
     under = [s for s in steps if s.get("p99_ms", P99_LIMIT_MS) < P99_LIMIT_MS]
     capacity = max(s["sockets"] for s in under) if under else 0
-    figures = {"settings": vars(args), "steps": steps, "capacity_sockets": capacity, "recheck": recheck}
-    table = [["idle sockets on one Daphne", "handshake p50 ms", "p99 ms", "Daphne RSS MiB", "KiB per socket"]]
-    table += [[f"{s['sockets']:,}", s["p50_ms"], s["p99_ms"], s["rss_mib"], s["kib_per_socket"] or "–"]
-              if "failed" not in s else [f"{s['sockets']:,}", "failed", s["failed"][:80], "", ""]
-              for s in steps]
-    table.append([f"re-checks at {recheck['sockets']:,} sockets, every {RECHECK_SECONDS} s",
-                  f"DB {recheck['db_queries_per_s']} queries/s",
-                  f"Redis {recheck['redis_commands_per_s']} commands/s",
-                  f"{fmt(recheck['recheck_ms'], 1)} ms each" if recheck["recheck_ms"] else "",
-                  f"per-socket design: {recheck['per_socket_design_db_queries_per_s']} queries/s"])
+    figures = {
+        "settings": vars(args),
+        "steps": steps,
+        "capacity_sockets": capacity,
+        "recheck": recheck,
+    }
+    table = [
+        [
+            "idle sockets on one Daphne",
+            "handshake p50 ms",
+            "p99 ms",
+            "Daphne RSS MiB",
+            "KiB per socket",
+        ]
+    ]
+    table += [
+        [f"{s['sockets']:,}", s["p50_ms"], s["p99_ms"], s["rss_mib"], s["kib_per_socket"] or "–"]
+        if "failed" not in s
+        else [f"{s['sockets']:,}", "failed", s["failed"][:80], "", ""]
+        for s in steps
+    ]
+    table.append(
+        [
+            f"re-checks at {recheck['sockets']:,} sockets, every {RECHECK_SECONDS} s",
+            f"DB {recheck['db_queries_per_s']} queries/s",
+            f"Redis {recheck['redis_commands_per_s']} commands/s",
+            f"{fmt(recheck['recheck_ms'], 1)} ms each" if recheck["recheck_ms"] else "",
+            f"per-socket design: {recheck['per_socket_design_db_queries_per_s']} queries/s",
+        ]
+    )
     write("capacity", figures, table)
     print(f"capacity: {capacity:,} idle sockets with p99 < {P99_LIMIT_MS} ms")
 

@@ -10,30 +10,31 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.stack import Stack  # noqa: E402
+from tests.stack import Stack
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 @contextlib.contextmanager
-def running_stack(port, asgi_processes=2, **env):
-    """The native runtime, as `make up-cross-domain` runs it, on ports from `port`."""
-    # A benchmark stopped with SIGTERM still stops its stack (the `finally` below).
+def running_stack(asgi_processes=2, **env):
+    """The native runtime, as `make up-cross-domain` runs it, on free ports."""
+    # A benchmark stopped with SIGTERM still stops its stack (the with block below).
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    with tempfile.TemporaryDirectory(prefix="bench-") as state:
-        stack = Stack("cross-domain", port, state, asgi_processes=asgi_processes,
-                      extra_env={k: str(v) for k, v in env.items()}).start()
-        try:
-            yield stack
-        finally:
-            stack.stop()
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-") as state,
+        Stack("cross-domain", state, asgi_processes=asgi_processes, env=env) as stack,
+    ):
+        yield stack
 
 
 def spread(values):
     """Median, min and max of several runs."""
-    return {"median": round(statistics.median(values), 3), "min": round(min(values), 3),
-            "max": round(max(values), 3), "runs": len(values)}
+    return {
+        "median": round(statistics.median(values), 3),
+        "min": round(min(values), 3),
+        "max": round(max(values), 3),
+        "runs": len(values),
+    }
 
 
 def percentile(values, fraction):
@@ -42,8 +43,12 @@ def percentile(values, fraction):
 
 
 def machine():
-    return {"cores": len(os.sched_getaffinity(0)), "cpu": platform.processor() or platform.machine(),
-            "python": platform.python_version(), "system": platform.platform()}
+    return {
+        "cores": len(os.sched_getaffinity(0)),
+        "cpu": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "system": platform.platform(),
+    }
 
 
 def write(name, figures, table):

@@ -3,7 +3,7 @@ Handshake cost through nginx on the real stack: handshakes per second and latenc
 /ws/whoami/ with five ways of authenticating, run interleaved (A B C D E, in a rotating
 order) so a noisy machine does not decide a comparison.
 
-    python bench/handshake.py [--rounds 5] [--handshakes 200] [--concurrency 16]
+    python -m bench.handshake [--rounds 5] [--handshakes 200] [--concurrency 16]
 
 The load generator is Python websockets on asyncio; the run also measures the shipped
 fallback with one generator process and with two, to show the generator is not the limit.
@@ -15,7 +15,7 @@ import json
 import multiprocessing
 import time
 
-from common import bar_chart, fmt, percentile, running_stack, spread, write
+from bench.common import bar_chart, fmt, percentile, running_stack, spread, write
 
 VARIANTS = {
     "none": "(1) no auth middleware",
@@ -70,9 +70,13 @@ def with_generators(stack, specs, concurrency, processes):
     """Handshakes per second with the load split over `processes` generator processes."""
     results = multiprocessing.Queue()
     share = len(specs) // processes
-    workers = [multiprocessing.Process(target=generator_process, args=(
-        stack, specs[i * share:(i + 1) * share], concurrency // processes, results))
-        for i in range(processes)]
+    workers = [
+        multiprocessing.Process(
+            target=generator_process,
+            args=(stack, specs[i * share : (i + 1) * share], concurrency // processes, results),
+        )
+        for i in range(processes)
+    ]
     began = time.perf_counter()
     for w in workers:
         w.start()
@@ -87,24 +91,32 @@ def main():
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--handshakes", type=int, default=200)
     parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--port", type=int, default=24000)
     args = parser.parse_args()
     names = list(VARIANTS)
     runs = {name: [] for name in names}
     generators = {1: [], 2: []}
-    with running_stack(args.port, WS_TICKET_TTL=600, ASGI_APP="bench.asgi:application") as stack:
+    with running_stack(WS_TICKET_TTL=600, ASGI_APP="bench.asgi:application") as stack:
         session, key = stack.login()
-        asyncio.run(handshakes(stack, requests_for(stack, "session_key", 50, session, key), 8))  # warm up
+        asyncio.run(
+            handshakes(stack, requests_for(stack, "session_key", 50, session, key), 8)
+        )  # warm up
         for round_ in range(args.rounds):
-            order = names[round_ % len(names):] + names[:round_ % len(names)]
+            order = names[round_ % len(names) :] + names[: round_ % len(names)]
             for name in order:
                 specs = requests_for(stack, name, args.handshakes, session, key)
                 latencies, seconds = asyncio.run(handshakes(stack, specs, args.concurrency))
-                runs[name].append({"rate": len(latencies) / seconds,
-                                   "p50": percentile(latencies, 0.5), "p99": percentile(latencies, 0.99)})
+                runs[name].append(
+                    {
+                        "rate": len(latencies) / seconds,
+                        "p50": percentile(latencies, 0.5),
+                        "p99": percentile(latencies, 0.99),
+                    }
+                )
             for processes in (1, 2) if round_ % 2 == 0 else (2, 1):
                 specs = requests_for(stack, "session_key", args.handshakes, session, key)
-                generators[processes].append(with_generators(stack, specs, args.concurrency, processes))
+                generators[processes].append(
+                    with_generators(stack, specs, args.concurrency, processes)
+                )
     report(runs, generators, args)
 
 
@@ -115,23 +127,57 @@ def report(runs, generators, args):
         rates = [r["rate"] for r in runs[name]]
         # Ratios within each round: A and B measured side by side, minutes apart at most.
         to_none = [r["rate"] / n["rate"] for r, n in zip(runs[name], runs["none"], strict=True)]
-        to_channels = [r["rate"] / c["rate"] for r, c in zip(runs[name], runs["channels"], strict=True)]
-        entry = {"label": label, "rate": spread(rates),
-                 "p50_ms": spread([r["p50"] * 1000 for r in runs[name]]),
-                 "p99_ms": spread([r["p99"] * 1000 for r in runs[name]]),
-                 "ratio_to_none": spread(to_none), "ratio_to_channels": spread(to_channels)}
+        to_channels = [
+            r["rate"] / c["rate"] for r, c in zip(runs[name], runs["channels"], strict=True)
+        ]
+        entry = {
+            "label": label,
+            "rate": spread(rates),
+            "p50_ms": spread([r["p50"] * 1000 for r in runs[name]]),
+            "p99_ms": spread([r["p99"] * 1000 for r in runs[name]]),
+            "ratio_to_none": spread(to_none),
+            "ratio_to_channels": spread(to_channels),
+        }
         figures["variants"][name] = entry
-        table.append([label, fmt(entry["rate"]), fmt(entry["p50_ms"], 1), fmt(entry["p99_ms"], 1),
-                      fmt(entry["ratio_to_none"], 2), fmt(entry["ratio_to_channels"], 2)])
+        table.append(
+            [
+                label,
+                fmt(entry["rate"]),
+                fmt(entry["p50_ms"], 1),
+                fmt(entry["p99_ms"], 1),
+                fmt(entry["ratio_to_none"], 2),
+                fmt(entry["ratio_to_channels"], 2),
+            ]
+        )
     one, two = spread(generators[1]), spread(generators[2])
-    figures["generator"] = {"one_process": one, "two_processes": two,
-                            "ratio_two_to_one": spread([b / a for a, b in zip(generators[1], generators[2], strict=True)])}
-    table.append(["(3) with 1 generator process → 2", f"{fmt(one)} → {fmt(two)}", "", "",
-                  "", f"×{figures['generator']['ratio_two_to_one']['median']:.2f}"])
+    figures["generator"] = {
+        "one_process": one,
+        "two_processes": two,
+        "ratio_two_to_one": spread(
+            [b / a for a, b in zip(generators[1], generators[2], strict=True)]
+        ),
+    }
+    table.append(
+        [
+            "(3) with 1 generator process → 2",
+            f"{fmt(one)} → {fmt(two)}",
+            "",
+            "",
+            "",
+            f"×{figures['generator']['ratio_two_to_one']['median']:.2f}",
+        ]
+    )
     write("handshake", figures, table)
-    bar_chart("handshake", "WebSocket handshakes per second through nginx (median, min–max)",
-              [label.split(" ", 1)[0] + "\n" + label.split(" ", 1)[1][:22] for label in VARIANTS.values()],
-              [figures["variants"][n]["rate"] for n in VARIANTS], "handshakes/s")
+    bar_chart(
+        "handshake",
+        "WebSocket handshakes per second through nginx (median, min–max)",
+        [
+            label.split(" ", 1)[0] + "\n" + label.split(" ", 1)[1][:22]
+            for label in VARIANTS.values()
+        ],
+        [figures["variants"][n]["rate"] for n in VARIANTS],
+        "handshakes/s",
+    )
 
 
 if __name__ == "__main__":

@@ -2,17 +2,14 @@
 Write the compose deployment's environment files from shared_settings.topology, the
 description the native runtime uses too, so the two cannot drift apart.
 
-    python deploy/envfiles.py            (what `make env-files` runs)
+    python -m deploy.envfiles            (what `make env-files` runs)
 
 tests/test_compose.py fails when a committed file differs from what this writes.
 """
 
 import hashlib
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from shared_settings.topology import ROOT, Topology  # noqa: E402
+from shared_settings.topology import ROOT, Topology
 
 # nginx-proxy names a per-path location file after the sha1 of the path.
 WS_PATH = "/ws/"
@@ -36,8 +33,13 @@ FILES = {
         "Production with TLS (compose.tls.yaml): copy to production.env and fill in the blanks.\n"
         "# SECRET_KEY and POSTGRES_PASSWORD come from your secret store; compose refuses to start\n"
         "# without them.",
-        {"SPLIT_MODE": "cross-domain", "PUBLIC_SCHEME": "https", "PUBLIC_PORT": "443",
-         "APP_HOST": "www.example.com", "REALTIME_HOST": "realtime.example.com"},
+        {
+            "SPLIT_MODE": "cross-domain",
+            "PUBLIC_SCHEME": "https",
+            "PUBLIC_PORT": "443",
+            "APP_HOST": "www.example.com",
+            "REALTIME_HOST": "realtime.example.com",
+        },
         {"POSTGRES_PASSWORD": "", "DEMO_PASSWORD": "", "LETSENCRYPT_EMAIL": "admin@example.com"},
     ),
 }
@@ -46,17 +48,19 @@ FILES = {
 def render(description, topology_env, extra):
     topology = Topology.from_env({**CONTAINER, **topology_env})
     values = topology.as_env()
-    values.update({
-        "COMPOSE_PROJECT_NAME": "split-channels",
-        # The port the proxy publishes for plain HTTP: PUBLIC_PORT, or 80 beside TLS.
-        "HTTP_PORT": "80" if topology.scheme == "https" else str(topology.public_port),
-        "WS_PATH_SHA1": hashlib.sha1(WS_PATH.encode()).hexdigest(),
-        "POSTGRES_DB": "app",
-        "POSTGRES_USER": "app",
-        "DEMO_USER": "demo",
-        "ASGI_REPLICAS": "1",
-        **extra,
-    })
+    values.update(
+        {
+            "COMPOSE_PROJECT_NAME": "split-channels",
+            # The port the proxy publishes for plain HTTP: PUBLIC_PORT, or 80 beside TLS.
+            "HTTP_PORT": "80" if topology.scheme == "https" else str(topology.public_port),
+            "WS_PATH_SHA1": hashlib.sha1(WS_PATH.encode()).hexdigest(),
+            "POSTGRES_DB": "app",
+            "POSTGRES_USER": "app",
+            "DEMO_USER": "demo",
+            "ASGI_REPLICAS": "1",
+            **extra,
+        }
+    )
     lines = [f"# {description}", "# Written by `make env-files` from shared_settings/topology.py."]
     return "\n".join(lines + [f"{key}={value}" for key, value in values.items()]) + "\n"
 

@@ -1,7 +1,7 @@
 """
 The native runtime: the whole split deployment on this machine, in the foreground.
 
-    SPLIT_MODE=cross-domain python deploy/native.py     (what `make up-cross-domain` runs)
+    SPLIT_MODE=cross-domain python -m deploy.native     (what `make up-cross-domain` runs)
 
 Renders the nginx and supervisord configs from shared_settings.topology into STATE_DIR,
 migrates, creates the demo user, then runs supervisord, which starts Redis, Gunicorn,
@@ -22,9 +22,7 @@ from pathlib import Path
 
 from django.template import Context, Engine
 
-# Run as a script from anywhere: the repository root holds shared_settings.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from shared_settings.topology import ROOT, TOPOLOGY  # noqa: E402
+from shared_settings.topology import ROOT, TOPOLOGY
 
 READY_TIMEOUT = 60
 VENV_BIN = Path(sys.executable).parent
@@ -62,8 +60,11 @@ def main():
 
 def check_ports(topology):
     """Stop with a readable message if a port we need is taken."""
-    ports = {"PUBLIC_PORT": topology.public_port, "GUNICORN_PORT": topology.gunicorn_port,
-             "REDIS_PORT": topology.redis_port}
+    ports = {
+        "PUBLIC_PORT": topology.public_port,
+        "GUNICORN_PORT": topology.gunicorn_port,
+        "REDIS_PORT": topology.redis_port,
+    }
     ports.update({f"DAPHNE_PORT (+{i})": p for i, p in enumerate(topology.daphne_ports)})
     for name, port in ports.items():
         with socket.socket() as probe:
@@ -71,7 +72,9 @@ def check_ports(topology):
             try:
                 probe.bind((topology.bind_address, port))
             except OSError:
-                sys.exit(f"Port {port} ({name}) is in use: stop what holds it, or set {name.split()[0]}.")
+                sys.exit(
+                    f"Port {port} ({name}) is in use: stop what holds it, or set {name.split()[0]}."
+                )
 
 
 def child_env(topology):
@@ -106,15 +109,17 @@ def render(template, topology):
         "log": topology.state_dir / "log",
         "log_format": (ROOT / "nginx" / "access-log-format").read_text().strip(),
         "common": "autorestart=true\nstartsecs=1\nstopwaitsecs=5\nstopasgroup=true\n"
-                  "killasgroup=true\nredirect_stderr=true",
+        "killasgroup=true\nredirect_stderr=true",
     }
     engine = Engine(dirs=[str(ROOT)])
     return engine.get_template(template).render(Context(context, autoescape=False, use_l10n=False))
 
 
 def render_configs(topology):
-    for template, target in [("nginx/native.conf.template", "nginx.conf"),
-                             ("deploy/supervisord.conf.template", "supervisord.conf")]:
+    for template, target in [
+        ("nginx/native.conf.template", "nginx.conf"),
+        ("deploy/supervisord.conf.template", "supervisord.conf"),
+    ]:
         (topology.state_dir / target).write_text(render(template, topology))
 
 
@@ -146,11 +151,17 @@ def wait_ready(topology, supervisord):
 def banner(topology, user, password):
     url = f"{topology.app_origin}/"
     if topology.cross_domain:
-        tip = ("The panel opens a socket to the realtime host twice: without the key you are\n"
-               "  anonymous (the cookie stays on the app host), with ?session_key= you are known.")
+        tip = (
+            "The panel's first socket goes to the realtime host with no credential: you are\n"
+            "  anonymous there (the cookie stays on the app host). The next ones bring a\n"
+            "  single-use ticket in Sec-WebSocket-Protocol (the way to copy), then the seed's\n"
+            "  ?session_key= fallback: you are known again."
+        )
     else:
-        tip = ("The panel opens sockets through nginx's /ws/ and straight to Daphne's own port:\n"
-               "  the cookie reaches both, since cookies ignore ports.")
+        tip = (
+            "The panel opens sockets through nginx's /ws/ and straight to Daphne's own port:\n"
+            "  the cookie reaches both, since cookies ignore ports."
+        )
     return (
         f"\nReady: {topology.mode}, pages from Gunicorn, sockets from "
         f"{topology.asgi_processes} Daphne process(es).\n"

@@ -19,7 +19,7 @@ echo "Runtime: $runtime ($why)."
 
 if [[ $runtime == native ]]; then
   deploy/require.sh nginx redis-server
-  exec env SPLIT_MODE="$mode" "${PYTHON:-.venv/bin/python}" deploy/native.py
+  exec env SPLIT_MODE="$mode" "${PYTHON:-.venv/bin/python}" -m deploy.native
 fi
 
 # A secret key for local compose runs, made once; production sets SECRET_KEY itself.

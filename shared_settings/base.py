@@ -26,13 +26,11 @@ DEBUG = env.bool("DJANGO_DEBUG", default=False)
 ALLOWED_HOSTS = [TOPOLOGY.app_host, TOPOLOGY.realtime_host, "localhost", "127.0.0.1"]
 
 DATABASES = {
-    "default": env.db(
-        "DATABASE_URL", default=f"sqlite:///{TOPOLOGY.state_dir / 'db.sqlite3'}"
-    )
+    "default": env.db("DATABASE_URL", default=f"sqlite:///{TOPOLOGY.state_dir / 'db.sqlite3'}")
 }
 # Keep connections: with Django's default of 0, every database_sync_to_async hop on the
 # socket side closes its connection and the next handshake opens a new one (measured:
-# a quarter of a Daphne process's time went there; bench/README).
+# a quarter of a Daphne process's time went there; see "Performance" in the README).
 DATABASES["default"]["CONN_MAX_AGE"] = env.int("CONN_MAX_AGE", default=60)
 DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
@@ -61,9 +59,9 @@ SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 
 REDIS_URL = env.str("REDIS_URL", default=TOPOLOGY.redis_url)
 CHANNEL_LAYER_BACKENDS = {
-    # channels-redis' list-based layer, surviving a Redis restart (asgi_site/layers.py):
+    # channels-redis' list-based layer, surviving a Redis restart (contract/layers.py):
     # what this project ships. "pubsub" is for comparison (bench/fanout.py).
-    "redis": "asgi_site.layers.ResilientRedisChannelLayer",
+    "redis": "contract.layers.ResilientRedisChannelLayer",
     "pubsub": "channels_redis.pubsub.RedisPubSubChannelLayer",
 }
 CHANNEL_LAYERS = {
@@ -102,6 +100,7 @@ LOGGING = {
     "loggers": {
         "asgi_site": {"level": env.str("LOG_LEVEL", default="INFO")},
         "wsgi_site": {"level": env.str("LOG_LEVEL", default="INFO")},
+        "contract": {"level": env.str("LOG_LEVEL", default="INFO")},
     },
 }
 

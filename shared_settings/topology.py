@@ -42,9 +42,7 @@ class Topology:
         env.ENVIRON = os.environ if environment is None else environment
         mode = env.str("SPLIT_MODE", default="cross-domain")
         if mode not in MODES:
-            raise ImproperlyConfigured(
-                f"SPLIT_MODE={mode!r} is not one of {', '.join(MODES)}."
-            )
+            raise ImproperlyConfigured(f"SPLIT_MODE={mode!r} is not one of {', '.join(MODES)}.")
         app_host = env.str("APP_HOST", default="app.localhost")
         if mode == "same-domain":
             realtime_host = env.str("REALTIME_HOST", default=app_host)

@@ -42,6 +42,7 @@ def handshake_headers(host, origin, extra=()):
 
 def request(port, target, headers, method="GET", timeout=10):
     """Send one request (target and header values as str or bytes); return the Answer."""
+
     def raw(value):
         return value if isinstance(value, bytes) else value.encode("latin1")
 
@@ -99,5 +100,5 @@ def read_text_frame(conn, data):
         length, offset = int.from_bytes(data[2:4], "big"), 4
     while len(data) < offset + length:
         data += conn.recv(65536)
-    payload = data[offset:offset + length]
+    payload = data[offset : offset + length]
     return json.loads(payload) if opcode == 1 else None

@@ -1,29 +1,72 @@
 """
-A real stack for tests: the native runtime (deploy/native.py, what `make up-*` runs) with
-its own ports and STATE_DIR, plus the clients a browser would be: requests for pages,
-websockets for sockets, each naming the host in the URL and connecting to 127.0.0.1.
+The harness tests and benchmarks share: a real stack, the native runtime (deploy/native.py,
+what `make up-*` runs) on free ports and its own STATE_DIR, started and stopped as a context
+manager, plus the clients a browser would be: requests for pages, websockets for sockets,
+each naming the host in the URL and connecting to 127.0.0.1.
+
+    with Stack("cross-domain", tmp_path) as stack:
+        session, key = stack.login()
 """
 
 import asyncio
 import json
 import os
+import random
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import requests
 import websockets
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_USER, DEMO_PASSWORD = "demo", "demo-pass"
+# A stack's ports, from its base: nginx +0, Gunicorn +1, Daphne +10.., Redis +20.
+PORT_SPAN = 21
+T = TypeVar("T")
+
+
+def wait_until(condition: Callable[[], T], timeout: float, message: str, interval=0.05) -> T:
+    """Return condition()'s first truthy value within `timeout` seconds, else fail."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{message} (waited {timeout} s)")
+        time.sleep(interval)
+    return value
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_base_port() -> int:
+    """A base port whose whole span is free now: two test runs on one machine never collide."""
+    for _ in range(200):
+        base = random.randrange(20000, 45000, 100)
+        if all(port_is_free(base + i) for i in range(PORT_SPAN)):
+            return base
+    raise RuntimeError("no free block of ports between 20000 and 45000")
 
 
 class Stack:
-    def __init__(self, mode, base_port, state_dir, asgi_processes=2, extra_env=None):
+    """A running split deployment; `with Stack(...) as stack:` starts it and stops it."""
+
+    def __init__(self, mode, state_dir, *, port=None, asgi_processes=2, env=None):
+        base_port = port or free_base_port()
         self.mode = mode
         self.state_dir = Path(state_dir)
         self.public_port = base_port
@@ -43,10 +86,16 @@ class Stack:
             STATE_DIR=str(self.state_dir),
         )
         self.env.pop("SECRET_KEY", None)  # the runtime makes its own under STATE_DIR...
-        self.env.update(extra_env or {})  # ...unless a test gives one
+        self.env.update({k: str(v) for k, v in (env or {}).items()})  # ...unless a test gives one
         self.process = None
         self.output = []
         self.secrets = set()  # every key or ticket a test sent: none may reach a log
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc_info):
+        self.stop()
 
     @property
     def app_origin(self):
@@ -57,10 +106,15 @@ class Stack:
         return f"http://{self.realtime_host}:{self.public_port}"
 
     def start(self, command=None, timeout=90):
-        command = command or [sys.executable, str(ROOT / "deploy" / "native.py")]
+        command = command or [sys.executable, "-m", "deploy.native"]
         self.process = subprocess.Popen(
-            command, cwd=ROOT, env=self.env, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+            command,
+            cwd=ROOT,
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
         )
         ready = threading.Event()
 
@@ -93,8 +147,9 @@ class Stack:
 
     def leftover_processes(self):
         """Processes still alive in the stack's session: everything it started, workers too."""
-        ps = subprocess.run(["ps", "-eww", "-o", "pid=,sid=,args="], capture_output=True,
-                            text=True, check=True).stdout
+        ps = subprocess.run(
+            ["ps", "-eww", "-o", "pid=,sid=,args="], capture_output=True, text=True, check=True
+        ).stdout
         rows = (line.split(None, 2) for line in ps.splitlines())
         return [args for pid, sid, args in rows if int(sid) == self.process.pid]
 
@@ -104,8 +159,12 @@ class Stack:
 
     def supervisorctl(self, *args):
         """Ask the stack's supervisord (e.g. "restart", "asgi-1"), as an operator would."""
-        command = [str(Path(sys.executable).parent / "supervisorctl"),
-                   "-c", str(self.state_dir / "supervisord.conf"), *args]
+        command = [
+            str(Path(sys.executable).parent / "supervisorctl"),
+            "-c",
+            str(self.state_dir / "supervisord.conf"),
+            *args,
+        ]
         return subprocess.run(command, capture_output=True, text=True, check=True).stdout
 
     def log_text(self):
@@ -117,17 +176,25 @@ class Stack:
         return f"http://127.0.0.1:{self.public_port}{path}"
 
     def http(self, session, method, path, host=None, **kwargs):
-        headers = {"Host": f"{host or self.app_host}:{self.public_port}", **kwargs.pop("headers", {})}
-        return session.request(method, self.url(path), headers=headers, allow_redirects=False,
-                               timeout=10, **kwargs)
+        headers = {
+            "Host": f"{host or self.app_host}:{self.public_port}",
+            **kwargs.pop("headers", {}),
+        }
+        return session.request(
+            method, self.url(path), headers=headers, allow_redirects=False, timeout=10, **kwargs
+        )
 
     def login(self, username=DEMO_USER, password=DEMO_PASSWORD):
         """Log in through the real login form; return the requests session and its key."""
         session = requests.Session()
         page = self.http(session, "GET", "/accounts/login/")
         token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page.text).group(1)
-        response = self.http(session, "POST", "/accounts/login/", data={
-            "username": username, "password": password, "csrfmiddlewaretoken": token})
+        response = self.http(
+            session,
+            "POST",
+            "/accounts/login/",
+            data={"username": username, "password": password, "csrfmiddlewaretoken": token},
+        )
         assert response.status_code == 302, response.text
         key = session.cookies["sessionid"]
         self.secrets.add(key)
@@ -146,8 +213,13 @@ class Stack:
         secret = (self.state_dir / "secret-key").read_text().strip()
         environment = {k: v for k, v in self.env.items() if k != "DJANGO_SETTINGS_MODULE"}
         environment.update(SECRET_KEY=self.env.get("SECRET_KEY", secret), **env)
-        return subprocess.run([sys.executable, str(ROOT / "wsgi_site" / "manage.py"), *args],
-                              env=environment, capture_output=True, text=True, check=True).stdout
+        return subprocess.run(
+            [sys.executable, str(ROOT / "wsgi_site" / "manage.py"), *args],
+            env=environment,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
 
     def create_user(self, username, password):
         self.manage("demo_user", username, password)
@@ -178,8 +250,12 @@ class Stack:
         url = f"ws://{host or self.realtime_host}:{port}{path}"
         kwargs.setdefault("open_timeout", 10)
         return websockets.connect(
-            url, host="127.0.0.1", port=port, origin=origin or None,
-            additional_headers=headers, **kwargs,
+            url,
+            host="127.0.0.1",
+            port=port,
+            origin=origin or None,
+            additional_headers=headers,
+            **kwargs,
         )
 
     def whoami(self, query="", **kwargs):

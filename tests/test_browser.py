@@ -9,10 +9,15 @@ from playwright.sync_api import sync_playwright
 from tests.stack import DEMO_PASSWORD, DEMO_USER
 
 CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
     # Any name resolves to loopback (www.evil.test too), with real cookie and Origin rules.
-    '--host-resolver-rules=MAP * 127.0.0.1',
+    "--host-resolver-rules=MAP * 127.0.0.1",
 ]
 
 
@@ -41,11 +46,17 @@ def socket_rows(page):
     """Wait until every row has an answer; return (name, result, state) for each."""
     page.wait_for_function(
         "() => [...document.querySelectorAll('#sockets tbody tr')]"
-        ".every(row => row.dataset.state !== 'pending')", timeout=15000)
-    return [tuple(row) for row in page.eval_on_selector_all(
-        "#sockets tbody tr",
-        "rows => rows.map(r => [r.querySelector('.name').textContent,"
-        " r.querySelector('.result').textContent, r.dataset.state])")]
+        ".every(row => row.dataset.state !== 'pending')",
+        timeout=15000,
+    )
+    return [
+        tuple(row)
+        for row in page.eval_on_selector_all(
+            "#sockets tbody tr",
+            "rows => rows.map(r => [r.querySelector('.name').textContent,"
+            " r.querySelector('.result').textContent, r.dataset.state])",
+        )
+    ]
 
 
 def feed_after_posting(page, text, via):
@@ -73,7 +84,9 @@ def test_cross_domain_panel(browser, cross_stack):
     shown = page.text_content("#sockets")
     assert "?ticket=***" in shown and "Sec-WebSocket-Protocol: realtime, ticket.***" in shown
     assert "?session_key=***" in shown and "realtime, session_key.***" in shown
-    assert not any(secret in shown for secret in cross_stack.secrets | {session_cookie(page, cross_stack)})
+    assert not any(
+        secret in shown for secret in cross_stack.secrets | {session_cookie(page, cross_stack)}
+    )
     assert feed_after_posting(page, "over http", "http") == "announcement from demo: over http"
     assert feed_after_posting(page, "on the socket", "socket") == "message from demo: on the socket"
     page.close()
@@ -137,12 +150,16 @@ def test_logout_in_another_tab_closes_this_tabs_sockets(browser, cross_stack):
     second.click("text=Log out")
     first.wait_for_selector("#live-status:has-text('close code 4401')", timeout=5000)
     assert first.text_content("#live-status") == (
-        "closed (close code 4401): your session ended, log in again")
+        "closed (close code 4401): your session ended, log in again"
+    )
     # Each socket's close arrives on its own, from either Daphne process: wait for the four.
     first.wait_for_function(
         "() => document.querySelectorAll('#sockets tbody tr[data-closed]').length >= 4",
-        timeout=5000)
-    closed = first.eval_on_selector_all("#sockets tbody tr", "rows => rows.map(r => r.dataset.closed)")
+        timeout=5000,
+    )
+    closed = first.eval_on_selector_all(
+        "#sockets tbody tr", "rows => rows.map(r => r.dataset.closed)"
+    )
     # The cookie-only row was anonymous: nothing to end. Every logged-in row ended with 4401.
     assert closed == [None, "4401", "4401", "4401", "4401"]
     assert "session ended (close code 4401)" in first.text_content("#sockets")
@@ -158,6 +175,7 @@ def test_live_feed_reconnects_with_a_fresh_ticket_when_daphne_dies(browser, cros
     cross_stack.supervisorctl("signal", "KILL", *cross_stack.daphne_programs)
     page.wait_for_selector("#live-status:has-text('reconnecting')", timeout=10000)
     page.wait_for_selector("#live-status:text('connected')", timeout=20000)
-    assert feed_after_posting(page, "after restart", "http") == "announcement from demo: after restart"
+    assert (
+        feed_after_posting(page, "after restart", "http") == "announcement from demo: after restart"
+    )
     context.close()
-

@@ -9,18 +9,26 @@ import hashlib
 import os
 import re
 import subprocess
-import time
 
 import pytest
 import yaml
 
 from deploy import envfiles, native
 from shared_settings.topology import Topology
-from tests.stack import ROOT
+from tests.stack import ROOT, wait_until
 
 MODES = ["same-domain", "cross-domain"]
-TOPOLOGY_FIELDS = ["mode", "scheme", "app_host", "realtime_host", "public_port",
-                   "app_origin", "realtime_origin", "allowed_origins", "socket_base"]
+TOPOLOGY_FIELDS = [
+    "mode",
+    "scheme",
+    "app_host",
+    "realtime_host",
+    "public_port",
+    "app_origin",
+    "realtime_origin",
+    "allowed_origins",
+    "socket_base",
+]
 
 
 def compose(*args, env_file, secret=True):
@@ -64,16 +72,21 @@ def test_compose_accepts_the_tls_overlay(mode):
     assert topology.scheme == "https" and topology.socket_base.startswith("wss://")
 
 
-@pytest.mark.parametrize("mode", MODES + ["tls"])
+@pytest.mark.parametrize("mode", [*MODES, "tls"])
 def test_only_the_proxy_publishes_ports_and_every_service_has_a_healthcheck(mode):
-    services = rendered("cross-domain", tls=True)["services"] if mode == "tls" else rendered(mode)["services"]
+    services = (
+        rendered("cross-domain", tls=True)["services"]
+        if mode == "tls"
+        else rendered(mode)["services"]
+    )
     assert [name for name, s in services.items() if s.get("ports")] == ["nginx-proxy"]
     assert [name for name, s in services.items() if not s.get("healthcheck", {}).get("test")] == []
 
 
 def test_a_missing_production_secret_fails_loudly():
-    result = compose("compose.yaml", "compose.cross-domain.yaml", env_file="cross-domain.env",
-                     secret=False)
+    result = compose(
+        "compose.yaml", "compose.cross-domain.yaml", env_file="cross-domain.env", secret=False
+    )
     assert result.returncode != 0
     assert "set SECRET_KEY" in result.stderr
 
@@ -100,8 +113,10 @@ def native_routes(nginx_conf):
 @pytest.mark.parametrize("mode", MODES)
 def test_compose_routes_what_native_nginx_routes(mode, tmp_path):
     native_conf = native.render("nginx/native.conf.template", native_topology(mode, tmp_path))
-    expected = {"same-domain": {("app.localhost", "/"): "wsgi", ("app.localhost", "/ws/"): "asgi"},
-                "cross-domain": {("app.localhost", "/"): "wsgi", ("realtime.localhost", "/"): "asgi"}}
+    expected = {
+        "same-domain": {("app.localhost", "/"): "wsgi", ("app.localhost", "/ws/"): "asgi"},
+        "cross-domain": {("app.localhost", "/"): "wsgi", ("realtime.localhost", "/"): "asgi"},
+    }
     assert native_routes(native_conf) == expected[mode]
     assert compose_routes(rendered(mode)["services"]) == expected[mode]
 
@@ -127,8 +142,10 @@ def bind_mounts(service):
 @pytest.mark.parametrize("mode", MODES)
 def test_socket_location_file_is_where_nginx_proxy_looks(mode):
     targets = bind_mounts(rendered(mode)["services"]["nginx-proxy"])
-    name = {"same-domain": f"app.localhost_{hashlib.sha1(b'/ws/').hexdigest()}_location",
-            "cross-domain": "realtime.localhost_location"}[mode]
+    name = {
+        "same-domain": f"app.localhost_{hashlib.sha1(b'/ws/').hexdigest()}_location",
+        "cross-domain": "realtime.localhost_location",
+    }[mode]
     assert targets[f"/etc/nginx/vhost.d/{name}"] == str(ROOT / "nginx" / "socket-location.conf")
 
 
@@ -142,7 +159,9 @@ def test_the_same_environment_reaches_django_in_both_runtimes(mode, tmp_path):
         assert set(expected.as_env()) <= set(env) and set(expected.as_env()) <= set(native_env)
         in_compose, in_native = Topology.from_env(env), Topology.from_env(native_env)
         for field in TOPOLOGY_FIELDS:
-            assert getattr(in_compose, field) == getattr(in_native, field) == getattr(expected, field)
+            assert (
+                getattr(in_compose, field) == getattr(in_native, field) == getattr(expected, field)
+            )
 
 
 def test_env_files_are_written_from_the_topology():
@@ -154,13 +173,17 @@ def test_env_files_are_written_from_the_topology():
 def test_start_commands_are_the_native_ones(tmp_path):
     services = rendered("cross-domain")["services"]
     commands = {name: services[name]["command"] for name in ("migrate", "wsgi", "asgi")}
-    assert commands == {"migrate": ["deploy/migrate.sh"], "wsgi": ["deploy/start-wsgi.sh"],
-                        "asgi": ["deploy/start-asgi.sh"]}
+    assert commands == {
+        "migrate": ["deploy/migrate.sh"],
+        "wsgi": ["deploy/start-wsgi.sh"],
+        "asgi": ["deploy/start-asgi.sh"],
+    }
     dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
     assert 'CMD ["deploy/start-wsgi.sh"]' in dockerfile
     supervisord = configparser.ConfigParser(interpolation=None)
-    supervisord.read_string(native.render("deploy/supervisord.conf.template",
-                                          native_topology("cross-domain", tmp_path)))
+    supervisord.read_string(
+        native.render("deploy/supervisord.conf.template", native_topology("cross-domain", tmp_path))
+    )
     assert supervisord["program:wsgi"]["command"] == f"{ROOT}/deploy/start-wsgi.sh"
     assert supervisord["program:asgi-1"]["command"] == f"{ROOT}/deploy/start-asgi.sh"
     assert '"deploy" / "migrate.sh"' in (ROOT / "deploy" / "native.py").read_text()
@@ -199,15 +222,27 @@ def test_proxy_log_format_in_real_nginx_keeps_the_session_key_out(cross_stack, t
     """nginx-proxy's LOG_FORMAT, loaded into a real nginx before a real Daphne."""
     log_format = rendered("cross-domain")["services"]["nginx-proxy"]["environment"]["LOG_FORMAT"]
     port = 18050
-    (tmp_path / "nginx.conf").write_text(PROXY_CONF.format(
-        dir=tmp_path, log_format=log_format, port=port, daphne=cross_stack.daphne_ports[0]))
-    nginx = subprocess.Popen(["nginx", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"),
-                              "-e", str(tmp_path / "error.log"), "-g", "daemon off;"])
+    (tmp_path / "nginx.conf").write_text(
+        PROXY_CONF.format(
+            dir=tmp_path, log_format=log_format, port=port, daphne=cross_stack.daphne_ports[0]
+        )
+    )
+    nginx = subprocess.Popen(
+        [
+            "nginx",
+            "-p",
+            str(tmp_path),
+            "-c",
+            str(tmp_path / "nginx.conf"),
+            "-e",
+            str(tmp_path / "error.log"),
+            "-g",
+            "daemon off;",
+        ]
+    )
     try:
         session, key = cross_stack.login()
-        deadline = time.monotonic() + 10
-        while not (tmp_path / "nginx.pid").exists() and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_until((tmp_path / "nginx.pid").exists, 10, "nginx did not start")
         frame = cross_stack.whoami(query=f"session_key={key}", port=port)
         assert frame["user"] == "demo"
     finally:

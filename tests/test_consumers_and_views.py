@@ -5,21 +5,12 @@ import json
 import pytest
 from asgiref.sync import async_to_sync
 from channels.testing import WebsocketCommunicator
-from django.contrib.auth import get_user_model
 from django.test import Client
 
 from asgi_site.asgi import application
 
 pytestmark = pytest.mark.django_db
 HEADERS = [(b"origin", b"http://app.localhost:8000")]
-
-
-@pytest.fixture
-def alice():
-    get_user_model().objects.create_user("alice", password="alice-pass")
-    client = Client()
-    client.login(username="alice", password="alice-pass")
-    return client
 
 
 def live_exchange(cookie, *frames):
@@ -60,8 +51,13 @@ def test_anonymous_message_gets_an_error_and_stays_connected():
 
 @pytest.mark.parametrize(
     "frame, error",
-    [("not json", "invalid JSON"), (b"\x00\x01", "text frames only"), ("[1, 2]", 'send {"text": "..."}'),
-     (json.dumps({"text": 5}), 'send {"text": "..."}'), (json.dumps({"text": "x" * 1001}), "text longer than 1000 characters")],
+    [
+        ("not json", "invalid JSON"),
+        (b"\x00\x01", "text frames only"),
+        ("[1, 2]", 'send {"text": "..."}'),
+        (json.dumps({"text": 5}), 'send {"text": "..."}'),
+        (json.dumps({"text": "x" * 1001}), "text longer than 1000 characters"),
+    ],
 )
 def test_bad_frames_get_an_error_frame(alice, frame, error):
     got, seen = live_exchange(f"sessionid={alice.session.session_key}", frame)

@@ -13,13 +13,14 @@ import time
 import pytest
 import requests
 
-from tests.stack import Stack
+from tests.stack import Stack, wait_until
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    stack = Stack("cross-domain", 22000, tmp_path_factory.mktemp("faults"),
-                  extra_env={"WS_SESSION_RECHECK_SECONDS": "1"}).start()
+    stack = Stack(
+        "cross-domain", tmp_path_factory.mktemp("faults"), env={"WS_SESSION_RECHECK_SECONDS": "1"}
+    ).start()
     yield stack
     stack.stop()
     assert stack.leftover_processes() == []
@@ -55,10 +56,11 @@ class Listeners:
                 seen.append(frame["text"])
 
     async def wait_for(self, texts, timeout=5):
-        deadline = time.monotonic() + timeout
-        while any(not set(texts) <= set(seen) for seen in self.seen):
-            assert time.monotonic() < deadline, f"missing: {texts} vs {self.seen}"
-            await asyncio.sleep(0.05)
+        def every_socket_has_them():
+            return all(set(texts) <= set(seen) for seen in self.seen)
+
+        message = f"missing: {texts} vs {self.seen}"
+        await asyncio.to_thread(wait_until, every_socket_has_them, timeout, message)
 
     def open(self):
         return [ws.close_code is None for ws, _ in self.sockets]
@@ -76,7 +78,9 @@ def test_redis_outage_refuses_cleanly_and_loses_nothing(stack):
         async with Listeners(stack, key) as listeners:
             accepted = []
             for i in range(3):
-                assert (await asyncio.to_thread(announce, stack, session, f"before {i}")).status_code == 200
+                assert (
+                    await asyncio.to_thread(announce, stack, session, f"before {i}")
+                ).status_code == 200
                 accepted.append(f"before {i}")
             await listeners.wait_for(accepted)
 
@@ -96,7 +100,9 @@ def test_redis_outage_refuses_cleanly_and_loses_nothing(stack):
             recovered = time.monotonic() - back
             accepted.append("after 0")
             for i in range(1, 3):
-                assert (await asyncio.to_thread(announce, stack, session, f"after {i}")).status_code == 200
+                assert (
+                    await asyncio.to_thread(announce, stack, session, f"after {i}")
+                ).status_code == 200
                 accepted.append(f"after {i}")
             await listeners.wait_for(accepted)
             assert listeners.open() == [True, True]
@@ -117,19 +123,19 @@ def test_redis_killed_and_its_data_lost_sockets_rejoin(stack):
             os.kill(pid_of(stack, "redis"), signal.SIGKILL)
             (stack.state_dir / "redis" / "dump.rdb").unlink(missing_ok=True)
             back = time.monotonic()
-            while (await asyncio.to_thread(announce, stack, session, "after kill")).status_code != 200:
+            while (
+                await asyncio.to_thread(announce, stack, session, "after kill")
+            ).status_code != 200:
                 assert time.monotonic() - back < 10
                 await asyncio.sleep(0.2)
+
             # Sockets re-join their groups at their next upkeep (every second here).
-            deadline = time.monotonic() + 5
-            while True:
-                response = await asyncio.to_thread(announce, stack, session, "rejoined")
-                assert response.status_code == 200
-                try:
-                    await listeners.wait_for(["rejoined"], timeout=0.5)
-                    break
-                except AssertionError:
-                    assert time.monotonic() < deadline, "sockets never re-joined their groups"
+            def rejoined():
+                assert announce(stack, session, "rejoined").status_code == 200
+                time.sleep(0.5)
+                return all("rejoined" in seen for seen in listeners.seen)
+
+            await asyncio.to_thread(wait_until, rejoined, 5, "sockets never re-joined their groups")
             assert listeners.open() == [True, True]
 
     asyncio.run(run())
@@ -145,31 +151,33 @@ def test_daphne_killed_new_handshakes_go_to_the_survivor_and_it_comes_back(stack
         began = time.monotonic()
         assert stack.whoami(query=f"session_key={key}")["user"] == "demo"
         assert time.monotonic() - began < 1.0
+
     # supervisord restarts the dead one.
-    deadline = time.monotonic() + 15
-    while True:
+    def answers():
         try:
-            if requests.get(f"http://127.0.0.1:{stack.daphne_ports[0]}/healthz", timeout=1).ok:
-                break
+            return requests.get(f"http://127.0.0.1:{stack.daphne_ports[0]}/healthz", timeout=1).ok
         except requests.ConnectionError:
-            pass
-        assert time.monotonic() < deadline, "the killed Daphne was not restarted"
-        time.sleep(0.2)
+            return False
+
+    wait_until(answers, 15, "the killed Daphne was not restarted")
     assert pid_of(stack, victim) != old_pid
 
 
 def test_gunicorn_worker_killed_is_replaced(stack):
     master = pid_of(stack, "wsgi")
-    workers = subprocess.run(["pgrep", "-P", str(master)], capture_output=True, text=True).stdout.split()
+    workers = subprocess.run(
+        ["pgrep", "-P", str(master)], capture_output=True, text=True
+    ).stdout.split()
     assert len(workers) == 2
     os.kill(int(workers[0]), signal.SIGKILL)
     plain = requests.Session()
     for _ in range(10):
         assert stack.http(plain, "GET", "/healthz").status_code == 200
-    deadline = time.monotonic() + 10
-    while True:
-        now = subprocess.run(["pgrep", "-P", str(master)], capture_output=True, text=True).stdout.split()
-        if len(now) == 2 and workers[0] not in now:
-            break
-        assert time.monotonic() < deadline, "the killed worker was not replaced"
-        time.sleep(0.2)
+
+    def replaced():
+        now = subprocess.run(
+            ["pgrep", "-P", str(master)], capture_output=True, text=True
+        ).stdout.split()
+        return len(now) == 2 and workers[0] not in now
+
+    wait_until(replaced, 10, "the killed worker was not replaced")

@@ -33,52 +33,111 @@ CASES = [
     ("session_key 41 characters", "anonymous", lambda c: {"query": "session_key=" + "a" * 41}),
     ("session_key 4 KiB", "anonymous", lambda c: {"query": "session_key=" + "a" * 4096}),
     ("session_key made up", "anonymous", lambda c: {"query": f"session_key={MADE_UP_KEY}"}),
-    ("session_key percent-encoded, valid", "known",
-     lambda c: {"query": "session_key=" + "".join(f"%{ord(ch):02x}" for ch in c["key"])}),
-    ("session_key non-ASCII, percent-encoded", "anonymous",
-     lambda c: {"query": "session_key=" + urllib.parse.quote("ключ" * 8)}),
+    (
+        "session_key percent-encoded, valid",
+        "known",
+        lambda c: {"query": "session_key=" + "".join(f"%{ord(ch):02x}" for ch in c["key"])},
+    ),
+    (
+        "session_key non-ASCII, percent-encoded",
+        "anonymous",
+        lambda c: {"query": "session_key=" + urllib.parse.quote("ключ" * 8)},
+    ),
     # Daphne refuses a request line that is not ASCII.
-    ("session_key raw UTF-8 bytes", 400,
-     lambda c: {"query": "session_key=".encode() + "ключ".encode() * 8}),
+    (
+        "session_key raw UTF-8 bytes",
+        400,
+        lambda c: {"query": b"session_key=" + "ключ".encode() * 8},
+    ),
     ("session_key with %00", "anonymous", lambda c: {"query": f"session_key={c['key']}%00"}),
-    ("session_key raw NUL byte", 400, lambda c: {"query": b"session_key=" + c["key"].encode() + b"\x00"}),
-    ("session_key twice", "anonymous", lambda c: {"query": f"session_key={c['key']}&session_key={c['key']}"}),
+    (
+        "session_key raw NUL byte",
+        400,
+        lambda c: {"query": b"session_key=" + c["key"].encode() + b"\x00"},
+    ),
+    (
+        "session_key twice",
+        "anonymous",
+        lambda c: {"query": f"session_key={c['key']}&session_key={c['key']}"},
+    ),
     ("session_key empty", "anonymous", lambda c: {"query": "session_key="}),
     ("session_key without =", "anonymous", lambda c: {"query": "session_key"}),
-    ("session_key with spaces", "anonymous", lambda c: {"query": "session_key=" + "a+b+c+d+e+f+g+h"}),
+    (
+        "session_key with spaces",
+        "anonymous",
+        lambda c: {"query": "session_key=" + "a+b+c+d+e+f+g+h"},
+    ),
     ("session_key with ;", "anonymous", lambda c: {"query": f"session_key={c['key']};x"}),
     ("session_key[] name", "anonymous", lambda c: {"query": f"session_key[]={c['key']}"}),
     ("SESSION_KEY name", "anonymous", lambda c: {"query": f"SESSION_KEY={c['key']}"}),
-    ("session_key in header and query", "anonymous",
-     lambda c: {"query": f"session_key={c['key']}", "protocols": f"realtime, session_key.{c['key']}"}),
+    (
+        "session_key in header and query",
+        "anonymous",
+        lambda c: {
+            "query": f"session_key={c['key']}",
+            "protocols": f"realtime, session_key.{c['key']}",
+        },
+    ),
     # Tickets.
     ("ticket forged", "anonymous", lambda c: {"query": f"ticket={FORGED_TICKET}"}),
     ("ticket too short", "anonymous", lambda c: {"query": "ticket=abc"}),
     ("ticket 44 characters", "anonymous", lambda c: {"query": "ticket=" + "A" * 44}),
-    ("ticket non-ASCII", "anonymous", lambda c: {"query": "ticket=" + urllib.parse.quote("é" * 43)}),
+    (
+        "ticket non-ASCII",
+        "anonymous",
+        lambda c: {"query": "ticket=" + urllib.parse.quote("é" * 43)},
+    ),
     ("ticket with %00", "anonymous", lambda c: {"query": "ticket=" + "A" * 42 + "%00"}),
     ("ticket empty", "anonymous", lambda c: {"query": "ticket="}),
-    ("ticket twice", "anonymous", lambda c: {"query": f"ticket={c['ticket']()}&ticket={c['ticket']()}"}),
+    (
+        "ticket twice",
+        "anonymous",
+        lambda c: {"query": f"ticket={c['ticket']()}&ticket={c['ticket']()}"},
+    ),
     ("ticket replayed", "anonymous", lambda c: {"query": f"ticket={c['used_ticket']()}"}),
     ("ticket empty in header", "anonymous", lambda c: {"protocols": "realtime, ticket."}),
-    ("ticket forged in header", "anonymous", lambda c: {"protocols": f"realtime, ticket.{FORGED_TICKET}"}),
-    ("ticket in header and query", "anonymous",
-     lambda c: (lambda t: {"query": f"ticket={t}", "protocols": f"realtime, ticket.{t}"})(c["ticket"]())),
+    (
+        "ticket forged in header",
+        "anonymous",
+        lambda c: {"protocols": f"realtime, ticket.{FORGED_TICKET}"},
+    ),
+    (
+        "ticket in header and query",
+        "anonymous",
+        lambda c: (lambda t: {"query": f"ticket={t}", "protocols": f"realtime, ticket.{t}"})(
+            c["ticket"]()
+        ),
+    ),
     ("ticket header without realtime", "known", lambda c: {"protocols": f"ticket.{c['ticket']()}"}),
-    ("100 subprotocols", "anonymous", lambda c: {"protocols": ", ".join(f"p{i}" for i in range(100))}),
+    (
+        "100 subprotocols",
+        "anonymous",
+        lambda c: {"protocols": ", ".join(f"p{i}" for i in range(100))},
+    ),
     # Daphne splits the header on commas; "ticket.a b" is then a malformed ticket.
     ("subprotocol with a space", "anonymous", lambda c: {"protocols": "realtime, ticket.a b"}),
     # Cookies.
-    ("stale cookie, valid key", "known",
-     lambda c: {"query": f"session_key={c['key']}", "cookie": f"sessionid={MADE_UP_KEY}"}),
+    (
+        "stale cookie, valid key",
+        "known",
+        lambda c: {"query": f"session_key={c['key']}", "cookie": f"sessionid={MADE_UP_KEY}"},
+    ),
     ("cookie header 64 KiB", 400, lambda c: {"cookie": "x=" + "a" * 65536}),
     ("1000 cookies", "anonymous", lambda c: {"cookie": "; ".join(f"c{i}=1" for i in range(1000))}),
-    ("cookie sessionid path traversal", "anonymous", lambda c: {"cookie": "sessionid=../../etc/passwd"}),
+    (
+        "cookie sessionid path traversal",
+        "anonymous",
+        lambda c: {"cookie": "sessionid=../../etc/passwd"},
+    ),
     ("cookie with control bytes", "anonymous", lambda c: {"cookie": b"sessionid=\x01\x02\x7f"}),
     # Origins.
     ("origin foreign", 403, lambda c: {"origin": "http://www.evil.test"}),
     ("origin null", 403, lambda c: {"origin": "null"}),
-    ("origin look-alike", 403, lambda c: {"origin": c["app_origin"].replace("localhost", "localhost.evil.test")}),
+    (
+        "origin look-alike",
+        403,
+        lambda c: {"origin": c["app_origin"].replace("localhost", "localhost.evil.test")},
+    ),
     ("origin other port", 403, lambda c: {"origin": "http://app.localhost:9999"}),
     ("origin other scheme", 403, lambda c: {"origin": c["app_origin"].replace("http:", "https:")}),
     ("origin missing", 403, lambda c: {"origin": None}),
@@ -87,8 +146,7 @@ CASES = [
     # Daphne's handshake parser refuses these Origin headers before Channels sees them.
     ("origin port overflow", 400, lambda c: {"origin": "http://app.localhost:99999"}),
     ("origin non-ASCII", 403, lambda c: {"origin": "http://äpp.localhost".encode()}),
-    ("origin twice, foreign last", 400,
-     lambda c: {"extra": [("Origin", "http://www.evil.test")]}),
+    ("origin twice, foreign last", 400, lambda c: {"extra": [("Origin", "http://www.evil.test")]}),
     ("origin upper case", "anonymous", lambda c: {"origin": c["app_origin"].upper()}),
     # Paths, methods and the handshake itself.
     ("plain GET on a socket path", 404, lambda c: {"upgrade": False}),
@@ -122,7 +180,9 @@ def send(stack, spec):
         if "protocols" in spec:
             headers.append(("Sec-WebSocket-Protocol", spec["protocols"]))
         if "version" in spec:
-            headers = [(n, spec["version"] if n == "Sec-WebSocket-Version" else v) for n, v in headers]
+            headers = [
+                (n, spec["version"] if n == "Sec-WebSocket-Version" else v) for n, v in headers
+            ]
         headers = [(n, v) for n, v in headers if n != spec.get("drop")]
     else:
         headers = [("Host", host), ("Origin", origin)]
@@ -141,8 +201,13 @@ def ctx(cross_stack):
         assert cross_stack.whoami(query=f"ticket={ticket}")["auth"] == "ticket"
         return ticket
 
-    return {"key": key, "ticket": lambda: cross_stack.ticket(session), "used_ticket": used_ticket,
-            "app_origin": cross_stack.app_origin, "answers": []}
+    return {
+        "key": key,
+        "ticket": lambda: cross_stack.ticket(session),
+        "used_ticket": used_ticket,
+        "app_origin": cross_stack.app_origin,
+        "answers": [],
+    }
 
 
 def test_at_least_fifty_cases():
@@ -174,10 +239,12 @@ def test_after_the_hostile_handshakes_the_stack_still_serves(cross_stack, ctx):
 
 # Hostile frames, on /ws/live/.
 
+
 async def live_socket(stack, key, **kwargs):
     # max_queue=None: a test that does not read must still see the server's close frame.
-    return await stack.connect(f"/ws/live/?session_key={key}", max_size=None, max_queue=None,
-                               **kwargs)
+    return await stack.connect(
+        f"/ws/live/?session_key={key}", max_size=None, max_queue=None, **kwargs
+    )
 
 
 def test_message_over_the_maximum_size_drops_the_connection(cross_stack):
@@ -194,14 +261,17 @@ def test_message_over_the_maximum_size_drops_the_connection(cross_stack):
     assert cross_stack.whoami(query=f"session_key={key}")["user"] == "demo"  # others unaffected
 
 
-@pytest.mark.parametrize("frame, error", [
-    (b"\x00\x01binary", "text frames only"),
-    ("{not json", "invalid JSON"),
-    ('"just a string"', 'send {"text": "..."}'),
-    ('{"text": ["a", "list"]}', 'send {"text": "..."}'),
-    ('{"text": ""}', 'send {"text": "..."}'),
-    ('{"text": "' + "x" * 1001 + '"}', "text longer than 1000 characters"),
-])
+@pytest.mark.parametrize(
+    "frame, error",
+    [
+        (b"\x00\x01binary", "text frames only"),
+        ("{not json", "invalid JSON"),
+        ('"just a string"', 'send {"text": "..."}'),
+        ('{"text": ["a", "list"]}', 'send {"text": "..."}'),
+        ('{"text": ""}', 'send {"text": "..."}'),
+        ('{"text": "' + "x" * 1001 + '"}', "text longer than 1000 characters"),
+    ],
+)
 def test_bad_frames_get_an_error_frame_and_the_socket_stays(cross_stack, frame, error):
     session, key = cross_stack.login()
 

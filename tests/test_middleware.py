@@ -7,30 +7,24 @@ work runs on this thread, inside the test's transaction and its query counter.
 from datetime import timedelta
 
 import pytest
-from django.contrib.auth import get_user_model
 from django.contrib.sessions.models import Session
 from django.db import connection
 from django.test import Client
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
+from asgi_site.auth import SessionAuthMiddlewareStack, SessionKeyAuthMiddlewareStack
 from tests.sockets import whoami
 
 pytestmark = pytest.mark.django_db
 
 
-@pytest.fixture
-def session_key():
-    """The session key of a freshly logged-in user, as the HTTP side made it."""
-    get_user_model().objects.create_user("alice", password="alice-pass")
-    client = Client()
-    assert client.login(username="alice", password="alice-pass")
-    return client.session.session_key
-
-
 def test_cookie_authenticates(session_key):
     assert whoami(cookie=f"sessionid={session_key}") == {
-        "type": "whoami", "user": "alice", "authenticated": True, "auth": "cookie",
+        "type": "whoami",
+        "user": "alice",
+        "authenticated": True,
+        "auth": "cookie",
     }
 
 
@@ -66,7 +60,15 @@ def test_anonymous_cookie_session_does_not_hide_a_valid_key(session_key):
 
 @pytest.mark.parametrize(
     "bad_key",
-    ["abc", "A" * 32, "x" * 41, "0123456789abcdef0123456789abcdef%00", "ключ" * 8, "", "a b c d e f g h"],
+    [
+        "abc",
+        "A" * 32,
+        "x" * 41,
+        "0123456789abcdef0123456789abcdef%00",
+        "ключ" * 8,
+        "",
+        "a b c d e f g h",
+    ],
 )
 def test_malformed_key_is_refused_before_any_query(bad_key):
     with CaptureQueriesContext(connection) as queries:
@@ -142,9 +144,17 @@ def test_refusal_is_logged_without_the_key(session_key, caplog):
 
 @pytest.mark.parametrize(
     "origin",
-    [b"http://evil.test", b"null", b"http://app.localhost.evil.test:8000",
-     b"http://app.localhost:8001", b"https://app.localhost:8000", b"http://app.localhost:99999x",
-     b"http://user@app.localhost:8000", b"http://app.localhost:8000/", b"http://app.localhost:8000?x"],
+    [
+        b"http://evil.test",
+        b"null",
+        b"http://app.localhost.evil.test:8000",
+        b"http://app.localhost:8001",
+        b"https://app.localhost:8000",
+        b"http://app.localhost:99999x",
+        b"http://user@app.localhost:8000",
+        b"http://app.localhost:8000/",
+        b"http://app.localhost:8000?x",
+    ],
 )
 def test_foreign_origin_is_refused(origin):
     assert whoami(origin=origin) is None
@@ -165,3 +175,7 @@ def test_realtime_origin_is_allowed():
 
 def test_unknown_path_is_refused():
     assert whoami(path="/ws/nope/") is None
+
+
+def test_the_old_stack_name_is_an_alias():
+    assert SessionKeyAuthMiddlewareStack is SessionAuthMiddlewareStack

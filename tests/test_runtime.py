@@ -16,13 +16,13 @@ def answers(port):
 
 
 def test_make_up_cross_domain_custom_ports_and_sigterm(tmp_path):
-    stack = Stack("cross-domain", 20000, tmp_path, asgi_processes=1, extra_env={"RUNTIME": "native"})
+    stack = Stack("cross-domain", tmp_path, asgi_processes=1, env={"RUNTIME": "native"})
     stack.start(command=["make", "--no-print-directory", "-C", str(ROOT), "up-cross-domain"])
     ports = [stack.public_port, stack.gunicorn_port, *stack.daphne_ports, stack.redis_port]
     try:
         output = "".join(stack.output)
         assert stack.output[0] == "Runtime: native (RUNTIME=native).\n"
-        assert "Open    http://app.localhost:20000/" in output
+        assert f"Open    http://app.localhost:{stack.public_port}/" in output
         assert "Log in  demo / demo-pass" in output
         session, key = stack.login()
         assert stack.whoami(query=f"session_key={key}")["user"] == "demo"
@@ -37,12 +37,19 @@ def test_make_up_cross_domain_custom_ports_and_sigterm(tmp_path):
 
 
 def test_busy_port_gives_a_readable_message(tmp_path):
-    stack = Stack("cross-domain", 20100, tmp_path, asgi_processes=1)
+    stack = Stack("cross-domain", tmp_path, asgi_processes=1)
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", stack.public_port))
         holder.listen()
-        result = subprocess.run([sys.executable, str(ROOT / "deploy" / "native.py")],
-                                env=stack.env, capture_output=True, text=True, timeout=60)
+        result = subprocess.run(
+            [sys.executable, "-m", "deploy.native"],
+            cwd=ROOT,
+            env=stack.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     assert result.returncode == 1
     assert result.stderr.strip() == (
-        "Port 20100 (PUBLIC_PORT) is in use: stop what holds it, or set PUBLIC_PORT.")
+        f"Port {stack.public_port} (PUBLIC_PORT) is in use: stop what holds it, or set PUBLIC_PORT."
+    )

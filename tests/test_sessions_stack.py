@@ -88,9 +88,12 @@ def test_log_out_everywhere_closes_sockets_of_both_sessions(cross_stack):
 
     async def run():
         a, _ = await opened(cross_stack, query=f"?session_key={first_key}")
-        b, _ = await opened(cross_stack, query=f"?session_key={second_key}",
-                            port=cross_stack.daphne_ports[1])
-        response = await asyncio.to_thread(cross_stack.csrf_post, first, "/accounts/logout-everywhere/")
+        b, _ = await opened(
+            cross_stack, query=f"?session_key={second_key}", port=cross_stack.daphne_ports[1]
+        )
+        response = await asyncio.to_thread(
+            cross_stack.csrf_post, first, "/accounts/logout-everywhere/"
+        )
         assert response.status_code == 302
         return await asyncio.gather(closed_within(a), closed_within(b))
 
@@ -119,9 +122,17 @@ def test_recheck_closes_after_password_change_elsewhere(cross_stack):
         other, _ = cross_stack.login("pw", "pw-pass")
         page = cross_stack.http(other, "GET", "/accounts/password_change/")
         token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page.text).group(1)
-        response = cross_stack.http(other, "POST", "/accounts/password_change/", data={
-            "csrfmiddlewaretoken": token, "old_password": "pw-pass",
-            "new_password1": "a-new-password-1", "new_password2": "a-new-password-1"})
+        response = cross_stack.http(
+            other,
+            "POST",
+            "/accounts/password_change/",
+            data={
+                "csrfmiddlewaretoken": token,
+                "old_password": "pw-pass",
+                "new_password1": "a-new-password-1",
+                "new_password2": "a-new-password-1",
+            },
+        )
         assert response.status_code == 302, response.text
 
     code, took = recheck_close(cross_stack, "pw", change_password_in_another_session)
@@ -130,8 +141,12 @@ def test_recheck_closes_after_password_change_elsewhere(cross_stack):
 
 def test_recheck_closes_after_deactivation(cross_stack):
     def deactivate(key):
-        cross_stack.manage("shell", "-c", "from django.contrib.auth.models import User; "
-                           "User.objects.filter(username='inactive').update(is_active=False)")
+        cross_stack.manage(
+            "shell",
+            "-c",
+            "from django.contrib.auth.models import User; "
+            "User.objects.filter(username='inactive').update(is_active=False)",
+        )
 
     code, took = recheck_close(cross_stack, "inactive", deactivate)
     assert code == 4401 and took < 2.5
@@ -139,8 +154,13 @@ def test_recheck_closes_after_deactivation(cross_stack):
 
 def test_recheck_closes_after_session_deletion(cross_stack):
     def delete_session(key):
-        cross_stack.manage("shell", "-c", "import os; from django.contrib.sessions.models import "
-                           "Session; Session.objects.filter(pk=os.environ['KEY']).delete()", KEY=key)
+        cross_stack.manage(
+            "shell",
+            "-c",
+            "import os; from django.contrib.sessions.models import "
+            "Session; Session.objects.filter(pk=os.environ['KEY']).delete()",
+            KEY=key,
+        )
 
     code, took = recheck_close(cross_stack, "deleted", delete_session)
     assert code == 4401 and took < 2.5
@@ -150,20 +170,24 @@ def test_secret_key_rotation_with_fallbacks_keeps_the_socket_user(tmp_path):
     """Restart with a new SECRET_KEY and the old one in SECRET_KEY_FALLBACKS: still known."""
     old, new = "old-secret-key-" + "x" * 40, "new-secret-key-" + "y" * 40
     settings = {"WS_SESSION_RECHECK_SECONDS": "1"}
-    stack = Stack("cross-domain", 21000, tmp_path, asgi_processes=1,
-                  extra_env={"SECRET_KEY": old, **settings}).start()
+    stack = Stack(
+        "cross-domain", tmp_path, asgi_processes=1, env={"SECRET_KEY": old, **settings}
+    ).start()
+    port = stack.public_port
     try:
         session, key = stack.login()
     finally:
         stack.stop()
 
     def restarted(**env):
-        return Stack("cross-domain", 21000, tmp_path, asgi_processes=1,
-                     extra_env={**settings, **env}).start()
+        return Stack(
+            "cross-domain", tmp_path, port=port, asgi_processes=1, env={**settings, **env}
+        ).start()
 
     stack = restarted(SECRET_KEY=new, SECRET_KEY_FALLBACKS=old)
     stack.secrets.add(key)
     try:
+
         async def run():
             ws, frame = await opened(stack, query=f"?session_key={key}")
             await asyncio.sleep(2.5)  # two re-checks

@@ -1,8 +1,11 @@
-"""The soak benchmark, small: a few hundred authenticated sockets, held, all reached."""
+"""
+The soak benchmark's code (tests/load.py), small: a few hundred authenticated sockets,
+held, all reached.
+"""
 
 import asyncio
 
-from bench.soak import soak
+from tests.load import soak
 
 
 def test_a_few_hundred_sockets_held_and_all_reached(cross_stack):

@@ -28,7 +28,11 @@ def test_same_domain_without_cookie_is_anonymous(same_stack):
 def test_cross_domain_without_cookie_or_key_is_anonymous(cross_stack):
     cross_stack.login()  # logged in on APP_HOST; the browser keeps that cookie there
     assert cross_stack.whoami() == {
-        "type": "whoami", "user": None, "authenticated": False, "auth": "none"}
+        "type": "whoami",
+        "user": None,
+        "authenticated": False,
+        "auth": "none",
+    }
 
 
 def test_cross_domain_with_session_key_is_known(cross_stack):
@@ -52,7 +56,9 @@ def test_foreign_origin_gets_403(cross_stack):
 def test_realtime_healthz_and_app_healthz(cross_stack):
     s = requests.Session()
     assert cross_stack.http(s, "GET", "/healthz").json() == {"status": "ok"}
-    assert cross_stack.http(s, "GET", "/healthz", host=cross_stack.realtime_host).json() == {"status": "ok"}
+    assert cross_stack.http(s, "GET", "/healthz", host=cross_stack.realtime_host).json() == {
+        "status": "ok"
+    }
     assert cross_stack.http(s, "GET", "/", host="unknown.test").status_code == 404
 
 
@@ -63,13 +69,18 @@ def test_announcement_reaches_sockets_on_both_daphne_processes(cross_stack):
         # One socket straight on each Daphne process, so both are surely in the group.
         sockets = [
             await websockets.connect(
-                f"ws://{cross_stack.realtime_host}:{port}/ws/live/", host="127.0.0.1", port=port,
-                origin=cross_stack.app_origin, open_timeout=10)
+                f"ws://{cross_stack.realtime_host}:{port}/ws/live/",
+                host="127.0.0.1",
+                port=port,
+                origin=cross_stack.app_origin,
+                open_timeout=10,
+            )
             for port in cross_stack.daphne_ports
         ]
         try:
             response = await asyncio.to_thread(
-                cross_stack.csrf_post, session, "/announce/", json={"text": "to everyone"})
+                cross_stack.csrf_post, session, "/announce/", json={"text": "to everyone"}
+            )
             assert response.status_code == 200, response.text
             return [json.loads(await asyncio.wait_for(ws.recv(), 5)) for ws in sockets]
         finally:
@@ -87,8 +98,12 @@ def test_socket_message_crosses_daphne_processes(cross_stack):
     async def run():
         def open_on(port, query=""):
             return websockets.connect(
-                f"ws://{cross_stack.realtime_host}:{port}/ws/live/{query}", host="127.0.0.1",
-                port=port, origin=cross_stack.app_origin, open_timeout=10)
+                f"ws://{cross_stack.realtime_host}:{port}/ws/live/{query}",
+                host="127.0.0.1",
+                port=port,
+                origin=cross_stack.app_origin,
+                open_timeout=10,
+            )
 
         async with open_on(first, f"?session_key={key}") as sender, open_on(second) as watcher:
             await sender.send(json.dumps({"text": "across"}))

@@ -1,4 +1,6 @@
-"""Tickets, credentials in the subprotocol header, precedence, re-checks and key rotation, in process.
+"""
+Tickets, credentials in the subprotocol header, precedence, re-checks and key rotation, in
+process.
 
 Tickets go through a real Redis (the redis_server fixture); sockets through Channels'
 WebsocketCommunicator and the whole ASGI application.
@@ -19,12 +21,9 @@ from tests.sockets import communicator, handshake, whoami
 pytestmark = pytest.mark.django_db
 
 
-@pytest.fixture
-def alice(redis_server):
-    get_user_model().objects.create_user("alice", password="alice-pass")
-    client = Client()
-    assert client.login(username="alice", password="alice-pass")
-    return client
+@pytest.fixture(autouse=True)
+def _redis(redis_server):
+    """Every test here mints or redeems tickets in a real Redis."""
 
 
 def mint(client, **body):
@@ -43,7 +42,9 @@ def test_ticket_response(alice):
     assert set(answer) == {"ticket", "expires_in", "url"}
     assert len(answer["ticket"]) == 43 and answer["expires_in"] == 30
     assert answer["url"] == f"ws://realtime.localhost:8000/ws/whoami/?ticket={answer['ticket']}"
-    assert mint(alice, path="/ws/live/")["url"].startswith("ws://realtime.localhost:8000/ws/live/?ticket=")
+    assert mint(alice, path="/ws/live/")["url"].startswith(
+        "ws://realtime.localhost:8000/ws/live/?ticket="
+    )
 
 
 def test_ticket_needs_login_and_a_known_path(alice, redis_server):
@@ -135,6 +136,7 @@ def test_ticket_refusals_are_logged_without_the_ticket(alice, caplog):
 
 # Precedence: a cookie that gives a logged-in user, then a ticket, then the session key.
 
+
 def test_cookie_beats_ticket_and_leaves_it_unused(alice):
     ticket = mint(alice)["ticket"]
     cookie = f"sessionid={alice.session.session_key}"
@@ -159,6 +161,7 @@ def test_credential_given_both_ways_is_refused(alice):
 
 
 # Re-checks: a logged-in socket closes with 4401 once its session no longer stands.
+
 
 def watch_close(client, change, settings):
     """Open a socket with the client's session key, apply `change`, return the close code."""
@@ -217,6 +220,7 @@ def test_recheck_keeps_a_valid_socket_open(alice, settings):
 
 
 # SECRET_KEY rotation: Django's get_user honours SECRET_KEY_FALLBACKS; Channels' does not.
+
 
 def test_secret_key_rotation_with_fallback_keeps_the_socket_user(alice, settings):
     old = settings.SECRET_KEY

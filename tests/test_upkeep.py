@@ -44,8 +44,8 @@ def test_ended_sessions_are_left_out():
 
 
 def test_a_session_end_closes_only_the_matching_sockets():
-    from asgi_site.groups import session_hash
     from asgi_site.upkeep import Upkeep
+    from contract.groups import session_hash
 
     class Socket:
         ended = False
@@ -59,6 +59,11 @@ def test_a_session_end_closes_only_the_matching_sockets():
     keep.hashes = {s: session_hash(k) for s, (k, _) in keep.sessions.items()}
     keep.consumers = {mine, other_session, other_user, anonymous}
     async_to_sync(keep.end_sessions)({"type": "session.end", "session": session_hash("k1")})
-    assert [s.ended for s in (mine, other_session, other_user, anonymous)] == [True, False, False, False]
+    assert [s.ended for s in (mine, other_session, other_user, anonymous)] == [
+        True,
+        False,
+        False,
+        False,
+    ]
     async_to_sync(keep.end_sessions)({"type": "session.end", "user": 1})
     assert [s.ended for s in (other_session, other_user, anonymous)] == [True, False, False]

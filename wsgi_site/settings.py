@@ -3,7 +3,7 @@
 from shared_settings.base import *  # noqa: F403
 from shared_settings.base import INSTALLED_APPS, TOPOLOGY, env
 
-INSTALLED_APPS = INSTALLED_APPS + ["django.contrib.staticfiles", "wsgi_site.apps.WsgiSiteConfig"]
+INSTALLED_APPS = [*INSTALLED_APPS, "django.contrib.staticfiles", "wsgi_site.apps.WsgiSiteConfig"]
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
@@ -29,9 +29,7 @@ TEMPLATES = [
 ]
 STATIC_URL = "static/"
 STATIC_ROOT = env.str("STATIC_ROOT", default=str(TOPOLOGY.state_dir / "static"))
-STORAGES = {
-    "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"}
-}
+STORAGES = {"staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"}}
 LOGIN_REDIRECT_URL = LOGOUT_REDIRECT_URL = "/"
 
 # The demo panel's "straight to Daphne" row: only where Daphne's own port is

@@ -8,9 +8,9 @@ from django.contrib.auth import SESSION_KEY, user_logged_out
 from django.contrib.sessions.models import Session
 from django.db.models.signals import post_save
 from django.dispatch import receiver
-from redis.exceptions import RedisError
 
-from asgi_site.groups import SESSION_EVENTS, session_hash
+from contract.groups import SESSION_EVENTS, session_end
+from contract.layers import LAYER_ERRORS
 
 from .models import UserSession
 
@@ -28,13 +28,13 @@ def record_session_user(sender, instance, **kwargs):
 @receiver(user_logged_out)
 def end_sockets_of_session(sender, request, user, **kwargs):
     if request is not None and request.session.session_key:
-        end_sockets(session=session_hash(request.session.session_key))
+        end_sockets(session_end(session_key=request.session.session_key))
 
 
-def end_sockets(**which):
-    """Close, on every Daphne process, the sockets of a session (session=hash) or user (user=pk)."""
+def end_sockets(event: dict) -> None:
+    """Send a session_end event (contract.groups): every Daphne process closes what it names."""
     try:
-        async_to_sync(get_channel_layer().group_send)(SESSION_EVENTS, {"type": "session.end", **which})
-    except (OSError, RedisError) as exc:
+        async_to_sync(get_channel_layer().group_send)(SESSION_EVENTS, event)
+    except LAYER_ERRORS as exc:
         # The logout itself stands; sockets end at their next re-check instead.
         logger.warning("sockets not told of logout, channel layer unreachable: %r", exc)

@@ -6,15 +6,14 @@ from channels.layers import get_channel_layer
 from django.conf import settings
 from django.contrib.auth import logout
 from django.contrib.sessions.models import Session
-from django.http import JsonResponse
+from django.http import HttpRequest, JsonResponse
 from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_GET, require_POST
-from redis.exceptions import RedisError
 
-from asgi_site import tickets
-from asgi_site.groups import LIVE_GROUP, MAX_TEXT
-from asgi_site.routing import SOCKET_PATHS
+from contract import paths, tickets
+from contract.groups import LIVE_GROUP, announcement, clean_text, session_end
+from contract.layers import LAYER_ERRORS, UNAVAILABLE
 
 from .models import UserSession
 from .signals import end_sockets
@@ -25,30 +24,46 @@ logger = logging.getLogger(__name__)
 def socket_rows(request):
     """Return the demo panel's rows: each way of opening /ws/whoami/, and what to expect."""
     topology = settings.TOPOLOGY
-    whoami = f"{topology.socket_base}/ws/whoami/"
+    whoami = f"{topology.socket_base}{paths.WHOAMI}"
     you = "you" if request.user.is_authenticated else "anonymous"
     if not topology.cross_domain:
         rows = [{"name": "Through nginx: /ws/ on the app host", "url": whoami, "expect": you}]
         if settings.DEMO_DIRECT_DAPHNE:
-            direct = f"ws://{topology.app_host}:{settings.DEMO_DAPHNE_PORT}/ws/whoami/"
-            rows.append({"name": "Straight to Daphne: same host, its own port", "url": direct,
-                         "expect": you})
+            direct = f"ws://{topology.app_host}:{settings.DEMO_DAPHNE_PORT}{paths.WHOAMI}"
+            rows.append(
+                {
+                    "name": "Straight to Daphne: same host, its own port",
+                    "url": direct,
+                    "expect": you,
+                }
+            )
         return rows
     rows = [{"name": "Realtime host, cookie only", "url": whoami, "expect": "anonymous"}]
     if not request.user.is_authenticated:
         return rows
     rows += [
-        {"name": "Ticket in Sec-WebSocket-Protocol (recommended)", "url": whoami,
-         "ticket": "header", "expect": you},
+        {
+            "name": "Ticket in Sec-WebSocket-Protocol (recommended)",
+            "url": whoami,
+            "ticket": "header",
+            "expect": you,
+        },
         {"name": "Ticket in the query string", "url": whoami, "ticket": "query", "expect": you},
     ]
     if settings.WS_SESSION_KEY_FALLBACK:
         name, key = settings.WS_SESSION_KEY_PARAM, request.session.session_key
         rows += [
-            {"name": f"Session key in the query string (?{name}=)", "url": f"{whoami}?{name}={key}",
-             "expect": you},
-            {"name": "Session key in Sec-WebSocket-Protocol", "url": whoami,
-             "protocols": [f"{name}.{key}"], "expect": you},
+            {
+                "name": f"Session key in the query string (?{name}=)",
+                "url": f"{whoami}?{name}={key}",
+                "expect": you,
+            },
+            {
+                "name": "Session key in Sec-WebSocket-Protocol",
+                "url": whoami,
+                "protocols": [f"{name}.{key}"],
+                "expect": you,
+            },
         ]
     return rows
 
@@ -57,7 +72,7 @@ def live_socket(request):
     """Return how the live feed opens its socket: a fresh ticket in the header cross-domain."""
     topology = settings.TOPOLOGY
     needs_ticket = topology.cross_domain and request.user.is_authenticated
-    return {"url": f"{topology.socket_base}/ws/live/", "ticket": needs_ticket}
+    return {"url": f"{topology.socket_base}{paths.LIVE}", "ticket": needs_ticket}
 
 
 @require_GET
@@ -72,7 +87,7 @@ def home(request):
     return render(request, "home.html", {"demo": demo, "topology": settings.TOPOLOGY})
 
 
-def field(request, name):
+def field(request: HttpRequest, name: str) -> str | None:
     """Return the string field `name` of a form-encoded or JSON body, or None."""
     if request.content_type == "application/json":
         try:
@@ -85,43 +100,50 @@ def field(request, name):
     return value if isinstance(value, str) else None
 
 
+def unavailable() -> JsonResponse:
+    """The answer when Redis, which carries tickets and the channel layer, is unreachable."""
+    return JsonResponse({"error": UNAVAILABLE}, status=503)
+
+
 @require_POST
-def announce(request):
+def announce(request: HttpRequest) -> JsonResponse:
     """Send an announcement to every /ws/live/ socket, on every Daphne process."""
     if not request.user.is_authenticated:
         return JsonResponse({"error": "login required"}, status=403)
-    text = field(request, "text")
-    if text is None or not text.strip():
-        return JsonResponse({"error": 'send a non-empty "text" field'}, status=400)
-    if len(text) > MAX_TEXT:
-        return JsonResponse({"error": f"text longer than {MAX_TEXT} characters"}, status=400)
-    event = {"type": "announcement", "user": request.user.get_username(), "text": text}
+    try:
+        text = clean_text(field(request, "text"))
+    except ValueError as exc:
+        return JsonResponse({"error": str(exc)}, status=400)
+    event = announcement(request.user.get_username(), text)
     try:
         async_to_sync(get_channel_layer().group_send)(LIVE_GROUP, event)
-    except (OSError, RedisError) as exc:
+    except LAYER_ERRORS as exc:
         logger.warning("announcement not sent, channel layer unreachable: %r", exc)
-        return JsonResponse({"error": "realtime service unavailable, try again"}, status=503)
+        return unavailable()
     return JsonResponse({"sent": True})
 
 
 @require_POST
-def ws_ticket(request):
+def ws_ticket(request: HttpRequest) -> JsonResponse:
     """Mint a single-use ticket that opens a socket as this session's user."""
-    if not request.user.is_authenticated:
+    if not request.user.is_authenticated or request.session.session_key is None:
         return JsonResponse({"error": "login required"}, status=403)
-    path = field(request, "path") or SOCKET_PATHS[0]
-    if path not in SOCKET_PATHS:
-        return JsonResponse({"error": f"path must be one of {', '.join(SOCKET_PATHS)}"}, status=400)
+    path = field(request, "path") or paths.WHOAMI
+    if path not in paths.SOCKET_PATHS:
+        choices = ", ".join(paths.SOCKET_PATHS)
+        return JsonResponse({"error": f"path must be one of {choices}"}, status=400)
     try:
         ticket = tickets.mint(request.session.session_key)
-    except RedisError as exc:
+    except LAYER_ERRORS as exc:
         logger.warning("ticket not minted, Redis unreachable: %r", exc)
-        return JsonResponse({"error": "realtime service unavailable, try again"}, status=503)
-    return JsonResponse({
-        "ticket": ticket,
-        "expires_in": settings.WS_TICKET_TTL,
-        "url": f"{settings.TOPOLOGY.socket_base}{path}?ticket={ticket}",
-    })
+        return unavailable()
+    return JsonResponse(
+        {
+            "ticket": ticket,
+            "expires_in": settings.WS_TICKET_TTL,
+            "url": f"{settings.TOPOLOGY.socket_base}{path}?ticket={ticket}",
+        }
+    )
 
 
 @require_POST
@@ -130,7 +152,7 @@ def logout_everywhere(request):
     if request.user.is_authenticated:
         sessions = UserSession.objects.filter(user=request.user).values("session")
         Session.objects.filter(pk__in=sessions).delete()
-        end_sockets(user=request.user.pk)
+        end_sockets(session_end(user=request.user.pk))
     logout(request)
     return redirect(settings.LOGOUT_REDIRECT_URL)
 

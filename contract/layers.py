@@ -1,12 +1,22 @@
+"""
+The channel layer both halves use, and what its failures look like to each of them.
+"""
+
 import asyncio
 import logging
 import time
 
 from channels_redis.core import RedisChannelLayer
 from redis.asyncio import BlockingConnectionPool
-from redis.exceptions import ConnectionError, RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 
 logger = logging.getLogger(__name__)
+
+# What a channel-layer call raises when Redis is unreachable: a socket error, or redis-py's own.
+LAYER_ERRORS = (OSError, RedisError)
+# The one answer, over HTTP (503) and on a socket (an error frame), when the layer is down.
+UNAVAILABLE = "realtime service unavailable, try again"
 
 RETRY_SECONDS = 1
 LOG_EVERY_SECONDS = 5
@@ -23,7 +33,7 @@ class ResilientRedisChannelLayer(RedisChannelLayer):
     """
 
     _last_logged = 0.0
-    # When receive() last found Redis gone: asgi_site.upkeep re-joins groups after it.
+    # When receive() last found Redis gone: the socket side re-joins groups after it.
     last_outage = 0.0
 
     def create_pool(self, index):
@@ -38,7 +48,7 @@ class ResilientRedisChannelLayer(RedisChannelLayer):
         while True:
             try:
                 return await super().receive(channel)
-            except (OSError, RedisError) as exc:
+            except LAYER_ERRORS as exc:
                 self._log_outage(exc)
                 await asyncio.sleep(RETRY_SECONDS)
 
@@ -46,7 +56,7 @@ class ResilientRedisChannelLayer(RedisChannelLayer):
         now = time.monotonic()
         # Only a lost connection can mean a Redis that restarted and lost our groups; a slow
         # command under load is retried without that.
-        if isinstance(exc, (ConnectionError, ConnectionRefusedError, ConnectionResetError)):
+        if isinstance(exc, (RedisConnectionError, ConnectionRefusedError, ConnectionResetError)):
             self.last_outage = now
         # Every waiting consumer lands here; say it once every few seconds, not once each.
         if now - self._last_logged > LOG_EVERY_SECONDS:

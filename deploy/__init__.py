@@ -1,0 +1,1 @@
+"""The runtimes: the native one (`python -m deploy.native`) and the compose env files."""

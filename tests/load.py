@@ -1,0 +1,81 @@
+"""
+Load on a real stack, shared by the soak test and the benchmarks: many sockets opened at
+once, held, and reached by one announcement.
+"""
+
+import asyncio
+import json
+import statistics
+import time
+from pathlib import Path
+
+CONNECT_AT_ONCE = 100
+
+
+def rss_kib(pid):
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+def daphne_rss(stack):
+    return sum(rss_kib(int(stack.supervisorctl("pid", p).strip())) for p in stack.daphne_programs)
+
+
+async def open_sockets(stack, key, count):
+    """Open `count` live-feed sockets through nginx, CONNECT_AT_ONCE at a time."""
+    sockets = []
+    gate = asyncio.Semaphore(CONNECT_AT_ONCE)
+
+    async def one():
+        async with gate:
+            ws = await stack.connect(f"/ws/live/?session_key={key}", open_timeout=60)
+            sockets.append(ws)
+
+    await asyncio.gather(*(one() for _ in range(count)))
+    return sockets
+
+
+async def soak(stack, sockets=5000, hold=60):
+    """Hold `sockets` authenticated sockets `hold` seconds, announce once; return figures."""
+    session, key = stack.login()
+    baseline = daphne_rss(stack)
+    began = time.monotonic()
+    opened = await open_sockets(stack, key, sockets)
+    connect_seconds = time.monotonic() - began
+    loaded = daphne_rss(stack)
+    await asyncio.sleep(hold)
+    still_open = sum(ws.close_code is None for ws in opened)
+
+    arrivals = []
+
+    async def receive(ws):
+        frame = json.loads(await asyncio.wait_for(ws.recv(), 60))
+        arrivals.append(time.monotonic())
+        return frame
+
+    receivers = [asyncio.create_task(receive(ws)) for ws in opened]
+    sent = time.monotonic()
+    response = await asyncio.to_thread(
+        stack.csrf_post, session, "/announce/", json={"text": "soak"}
+    )
+    frames = await asyncio.gather(*receivers, return_exceptions=True)
+    delivered = sum(isinstance(f, dict) and f.get("text") == "soak" for f in frames)
+    await asyncio.gather(*(ws.close() for ws in opened))
+    delays = sorted(t - sent for t in arrivals)
+    return {
+        "sockets": sockets,
+        "daphne_processes": len(stack.daphne_ports),
+        "hold_seconds": hold,
+        "connect_seconds": round(connect_seconds, 2),
+        "still_open_after_hold": still_open,
+        "announce_status": response.status_code,
+        "delivered": delivered,
+        "delivery_first_ms": round(delays[0] * 1000, 1) if delays else None,
+        "delivery_median_ms": round(statistics.median(delays) * 1000, 1) if delays else None,
+        "delivery_last_ms": round(delays[-1] * 1000, 1) if delays else None,
+        "daphne_rss_baseline_mib": round(baseline / 1024, 1),
+        "daphne_rss_loaded_mib": round(loaded / 1024, 1),
+        "kib_per_socket": round((loaded - baseline) / sockets, 1),
+    }
