@@ -11,6 +11,7 @@ a logged-in user, then a ticket, then the session key.
 
 import logging
 import re
+import time
 from collections.abc import Callable
 from importlib import import_module
 from typing import Any
@@ -63,6 +64,8 @@ class SessionAuthMiddleware:
         if "session" not in scope:
             raise ValueError("SessionAuthMiddleware needs to run inside of SessionMiddleware.")
         scope = dict(scope)
+        # When the session was read: a logout after this still ends the socket (upkeep).
+        scope["authenticated_at"] = time.monotonic()
         scope["session"], scope["auth"], scope["user"] = await authenticate(scope)
         return await self.inner(scope, receive, send)
 

@@ -1,7 +1,11 @@
+import asyncio
 import json
 import logging
 import time
 
+from autobahn.exception import Disconnected
+from channels.db import aclose_old_connections
+from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
 
@@ -18,6 +22,8 @@ SESSION_ENDED = 4401
 TOO_MANY_MESSAGES = 4429
 # The subprotocol we answer with; credentials offered beside it are never echoed.
 SUBPROTOCOL = "realtime"
+# Seconds a closing socket waits to leave a group before giving up (Redis may be down).
+LEAVE_TIMEOUT = 2
 
 
 class ClientError(Exception):
@@ -38,21 +44,81 @@ def whoami(scope):
 
 class RealtimeConsumer(AsyncJsonWebsocketConsumer):
     """
-    Accept with the "realtime" subprotocol when offered, and close with SESSION_ENDED
-    when the session behind a logged-in socket ends: at once on logout, or at the
-    process's next re-check (both in asgi_site.upkeep).
+    Accept with the "realtime" subprotocol when offered, join `joins`, and close with
+    SESSION_ENDED when the session behind a logged-in socket ends: at once on logout, or at
+    the process's next re-check (both in asgi_site.upkeep). However the socket ends, it
+    leaves upkeep and its groups.
     """
+
+    joins: tuple[str, ...] = ()
+    closed = False  # True once we closed it, or found it gone under us
+
+    async def __call__(self, scope, receive, send):
+        async def guarded_send(message):
+            # Between our close and Daphne seeing the connection go, a group message would
+            # still be sent, and autobahn raises on it ("Attempt to send on a closed
+            # protocol"). A consumer that raises never reads websocket.disconnect, so it
+            # would stay in its groups and in upkeep for good.
+            if message["type"] in ("websocket.send", "websocket.close"):
+                if self.closed:
+                    return
+                self.closed = message["type"] == "websocket.close"
+            try:
+                await send(message)
+            except Disconnected:
+                self.closed = True
+
+        try:
+            await super().__call__(scope, receive, guarded_send)
+        finally:
+            # Every way out: websocket.disconnect, an exception, Daphne cancelling us.
+            await self.forget()
+
+    async def dispatch(self, message):
+        # After close, frames still buffered and group messages are dropped, unread.
+        if self.closed and message["type"] != "websocket.disconnect":
+            return
+        await super().dispatch(message)
 
     async def connect(self):
         user = self.scope["user"]
         if user.is_authenticated:
-            upkeep().add(self, self.scope["session"].session_key, user.pk)
+            # Registered before any await, so a logout from here on reaches this socket.
+            authenticated_at = self.scope.get("authenticated_at", time.monotonic())
+            standing = upkeep().add(self, self.scope["session"].session_key, user.pk,
+                                    authenticated_at)  # fmt: skip
         else:
-            upkeep().add(self)
+            standing = upkeep().add(self)
+        await upkeep().ready()
+        await self.join(*self.joins)
         offered = SUBPROTOCOL in self.scope.get("subprotocols", [])
         await self.accept(SUBPROTOCOL if offered else None)
+        if not standing:
+            # The session ended while this handshake was under way.
+            await self.close(SESSION_ENDED)
+
+    async def websocket_disconnect(self, message):
+        await self.forget()
+        await self.disconnect(message["code"])
+        await aclose_old_connections()
+        raise StopConsumer()
+
+    async def forget(self):
+        """Leave upkeep and every group; never raises, so every way out can call it."""
+        self.closed = True
+        upkeep().discard(self)
+        groups, self.groups = self.groups, []
+        try:
+            for group in groups:
+                discard = self.channel_layer.group_discard(group, self.channel_name)
+                await asyncio.wait_for(discard, LEAVE_TIMEOUT)
+        except (*LAYER_ERRORS, TimeoutError) as exc:
+            # channels-redis expires the membership; every send to it until then is wasted.
+            logger.warning("channel layer unreachable, groups not left: %r", exc)
 
     async def join(self, *groups):
+        if self.closed:
+            return  # upkeep's re-join may race a socket that is closing
         self.groups = list(dict.fromkeys([*self.groups, *groups]))
         try:
             for group in groups:
@@ -60,9 +126,6 @@ class RealtimeConsumer(AsyncJsonWebsocketConsumer):
         except LAYER_ERRORS as exc:
             # The socket still works; upkeep joins again once Redis is back.
             logger.warning("channel layer unreachable, groups not joined: %r", exc)
-
-    async def disconnect(self, code):
-        upkeep().discard(self)
 
     async def end_session(self):
         await self.close(SESSION_ENDED)
@@ -82,10 +145,11 @@ class LiveConsumer(RealtimeConsumer):
     that sends faster than WS_MESSAGE_RATE (burst WS_MESSAGE_BURST) is closed with 4429.
     """
 
+    joins = (LIVE_GROUP,)
+
     async def connect(self):
         # A token bucket, per connection: a consumer instance serves exactly one socket.
         self.tokens, self.refilled = settings.WS_MESSAGE_BURST, time.monotonic()
-        await self.join(LIVE_GROUP)
         await super().connect()
 
     async def receive(self, text_data=None, bytes_data=None):

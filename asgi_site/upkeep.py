@@ -14,6 +14,7 @@ group expiry (a day) drops a long-lived socket from its groups.
 """
 
 import asyncio
+import contextlib
 import logging
 import time
 import weakref
@@ -35,28 +36,68 @@ from .auth import authenticated_user
 logger = logging.getLogger(__name__)
 
 GROUP_REFRESH_SECONDS = 12 * 3600
+# How long a session.end is remembered, for handshakes that read the session before it came
+# (Django sends user_logged_out before it deletes the session, so the order varies).
+ENDED_MEMORY_SECONDS = 60
+# A handshake slower than this, from reading the session to registering, is refused: its
+# session may have ended before the memory above began.
+SLOWEST_HANDSHAKE_SECONDS = 30
+# How long a handshake waits for its process to start hearing session.end events.
+LISTEN_WAIT_SECONDS = 2
 IN_CLAUSE = 500  # session keys per query, well under every database's parameter limit
 
 
 class Upkeep:
     """The open sockets of one event loop, the task that keeps them, and its listener."""
 
-    def __init__(self):
-        self.consumers = set()
-        self.sessions = {}  # consumer -> (session_key, user_pk), logged-in sockets only
-        self.hashes = {}  # consumer -> session_hash(session_key)
-        self.task = self.listener = self.channel = None
+    def __init__(self) -> None:
+        self.consumers: set[Any] = set()
+        # consumer -> (session_key, user_pk), logged-in sockets only
+        self.sessions: dict[Any, tuple[str, Any]] = {}
+        self.hashes: dict[Any, str] = {}  # consumer -> session_hash(session_key)
+        self.ended: dict[Any, float] = {}  # session hash, or ("user", pk) -> when it ended
+        self.task: asyncio.Task | None = None
+        self.listener: asyncio.Task | None = None
+        self.channel: str | None = None
+        self.listening = asyncio.Event()  # set once this process hears session.end events
         self.rejoined = time.monotonic()
 
-    def add(self, consumer: Any, session_key: str | None = None, user_pk: Any = None) -> None:
-        self.consumers.add(consumer)
-        if session_key is not None:
-            self.sessions[consumer] = (session_key, user_pk)
-            self.hashes[consumer] = session_hash(session_key)
+    def add(
+        self,
+        consumer: Any,
+        session_key: str | None = None,
+        user_pk: Any = None,
+        authenticated_at: float = 0.0,
+    ) -> bool:
+        """Keep a socket; False, and not kept, if its session ended since it was read."""
         if self.task is None:
             self.task = asyncio.create_task(self.run())
         if self.listener is None:
             self.listener = asyncio.create_task(self.listen())
+        if session_key is not None and self.ended_since(session_key, user_pk, authenticated_at):
+            return False
+        self.consumers.add(consumer)
+        if session_key is not None:
+            self.sessions[consumer] = (session_key, user_pk)
+            self.hashes[consumer] = session_hash(session_key)
+        return True
+
+    def ended_since(self, session_key: str, user_pk: Any, authenticated_at: float) -> bool:
+        now = time.monotonic()
+        self.ended = {k: t for k, t in self.ended.items() if now - t < ENDED_MEMORY_SECONDS}
+        if now - authenticated_at > SLOWEST_HANDSHAKE_SECONDS:
+            return True
+        # Session keys are never reused: a remembered hash is ended, whenever it was read.
+        # A user's sessions end only for handshakes that read them before the event.
+        user_ended = self.ended.get(("user", user_pk), float("-inf"))
+        return session_hash(session_key) in self.ended or user_ended >= authenticated_at
+
+    async def ready(self) -> None:
+        """Wait, briefly, until this process hears session.end events: a logout right after
+        the first handshakes of a process must not be missed."""
+        # Past the wait, Redis is down: the re-check stands in until upkeep joins again.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.listening.wait(), LISTEN_WAIT_SECONDS)
 
     def discard(self, consumer: Any) -> None:
         self.consumers.discard(consumer)
@@ -85,11 +126,18 @@ class Upkeep:
     async def join_events(self, layer):
         try:
             await layer.group_add(SESSION_EVENTS, self.channel)
+            self.listening.set()
         except LAYER_ERRORS as exc:
             # Sockets still end at the next re-check; upkeep joins again once Redis is back.
             logger.warning("channel layer unreachable, session events not joined: %r", exc)
 
     async def end_sessions(self, event: dict) -> None:
+        # Remembered first: a handshake registering while the loop below runs sees it.
+        now = time.monotonic()
+        if "session" in event:
+            self.ended[event["session"]] = now
+        if "user" in event:
+            self.ended[("user", event["user"])] = now
         for consumer, (_, user_pk) in list(self.sessions.items()):
             ended_session = "session" in event and self.hashes[consumer] == event["session"]
             ended_user = "user" in event and user_pk == event["user"]

@@ -7,6 +7,7 @@ import logging
 import time
 
 from channels_redis.core import RedisChannelLayer
+from django.core.exceptions import ImproperlyConfigured
 from redis.asyncio import BlockingConnectionPool
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
@@ -22,6 +23,13 @@ RETRY_SECONDS = 1
 LOG_EVERY_SECONDS = 5
 POOL_SIZE = 100  # redis-py's default
 POOL_WAIT_SECONDS = 10
+# How long receive() blocks in BZPOPMIN, and how long redis-py waits for any reply. The read
+# timeout must outlast the block: redis-py's default of 5 s equals channels-redis' default
+# block of 5 s, so an idle, healthy Redis timed out every few seconds ("unreachable").
+BLOCK_SECONDS = 2
+READ_TIMEOUT = 5
+# A Redis that is down refuses at once; one that does not answer at all is given this long.
+CONNECT_TIMEOUT = 2
 
 
 class ResilientRedisChannelLayer(RedisChannelLayer):
@@ -32,6 +40,7 @@ class ResilientRedisChannelLayer(RedisChannelLayer):
     of commands waits for a pooled connection instead of failing.
     """
 
+    brpop_timeout = BLOCK_SECONDS
     _last_logged = 0.0
     # When receive() last found Redis gone: the socket side re-joins groups after it.
     last_outage = 0.0
@@ -40,9 +49,20 @@ class ResilientRedisChannelLayer(RedisChannelLayer):
         # The stock pool raises MaxConnectionsError on the 101st concurrent command: a burst
         # of handshakes, each joining a group, then leaves sockets out of their groups.
         host = dict(self.hosts[index])
-        return BlockingConnectionPool.from_url(
+        host.setdefault("socket_timeout", READ_TIMEOUT)
+        host.setdefault("socket_connect_timeout", CONNECT_TIMEOUT)
+        pool = BlockingConnectionPool.from_url(
             host.pop("address"), max_connections=POOL_SIZE, timeout=POOL_WAIT_SECONDS, **host
         )
+        # A ?socket_timeout= in the URL wins over the default above: refuse one that would
+        # bring the false outages back.
+        read_timeout = pool.connection_kwargs.get("socket_timeout")
+        if read_timeout is not None and read_timeout < self.brpop_timeout + 2:
+            raise ImproperlyConfigured(
+                f"Redis socket_timeout={read_timeout} must exceed the channel layer's "
+                f"blocking read ({self.brpop_timeout} s) by 2 s or more."
+            )
+        return pool
 
     async def receive(self, channel):
         while True:

@@ -19,7 +19,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+import urllib.parse
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TypeVar
 
@@ -31,6 +32,33 @@ DEMO_USER, DEMO_PASSWORD = "demo", "demo-pass"
 # A stack's ports, from its base: nginx +0, Gunicorn +1, Daphne +10.., Redis +20.
 PORT_SPAN = 21
 T = TypeVar("T")
+# A credential's name followed by a value, in a query string or as a subprotocol, plain or
+# %-encoded: no log may hold one, whatever the value (a key or ticket never recorded too).
+LOGGED_CREDENTIAL = re.compile(r"(?:session_key|ticket)(?:=|%3d|\.)(?!\s)[^\s\"'&]", re.IGNORECASE)
+
+
+def secret_variants(secret: str) -> set[str]:
+    """The forms a secret may take in a log: as sent, upper case, %-encoded (in part or all)."""
+    variants = {secret, secret.upper(), urllib.parse.quote(secret, safe="")}
+    for hex_format in ("%{:02x}", "%{:02X}"):
+        variants.add("".join(hex_format.format(b) for b in secret.encode()))
+    return {v for v in variants if v}
+
+
+def leaked_secrets(secrets: Iterable[str], logs: dict[str, str]) -> list[str]:
+    """Every (log file, what it holds) that shows a secret or a credential's value."""
+    found = []
+    for name, text in logs.items():
+        folded = text.casefold()
+        for secret in secrets:
+            for variant in secret_variants(secret):
+                # Upper-case variants are matched as written, %-encodings in either case.
+                hit = variant.casefold() in folded if "%" in variant else variant in text
+                if hit:
+                    found.append(f"{name}: a form of a recorded secret ({len(secret)} chars)")
+                    break
+        found += [f"{name}: {m.group(0)!r}..." for m in LOGGED_CREDENTIAL.finditer(text)]
+    return found
 
 
 def wait_until(condition: Callable[[], T], timeout: float, message: str, interval=0.05) -> T:
@@ -167,8 +195,26 @@ class Stack:
         ]
         return subprocess.run(command, capture_output=True, text=True, check=True).stdout
 
+    def log_files(self):
+        """Every log the stack wrote, by file name: nginx, Gunicorn, Daphne, Redis, supervisord."""
+        return {
+            p.name: p.read_text(errors="replace")
+            for p in sorted((self.state_dir / "log").glob("*"))
+            if p.is_file()
+        }
+
     def log_text(self):
-        return "\n".join(p.read_text(errors="replace") for p in (self.state_dir / "log").glob("*"))
+        return "\n".join(self.log_files().values())
+
+    def assert_no_secrets_logged(self):
+        """
+        No log holds a recorded secret (a key or ticket a test sent, forged ones too) as sent,
+        upper-cased or %-encoded, nor any credential's value after `session_key=`/`ticket=`.
+        """
+        logs = self.log_files()
+        assert logs and any(logs.values()), "no logs were written: nothing to prove"
+        leaked = leaked_secrets(self.secrets, logs)
+        assert not leaked, "credentials reached the logs:\n" + "\n".join(leaked[:20])
 
     # HTTP, as the browser on APP_HOST.
 

@@ -1,6 +1,8 @@
 """The live feed consumer and the HTTP views, in process."""
 
+import asyncio
 import json
+import time
 
 import pytest
 from asgiref.sync import async_to_sync
@@ -101,3 +103,48 @@ def test_home_shows_the_session_key_row_only_when_logged_in(alice):
 
 def test_healthz():
     assert Client().get("/healthz").json() == {"status": "ok"}
+
+
+def test_flood_limit_is_a_burst_of_20_then_10_a_second(settings):
+    """
+    README: "a socket sends more than `WS_MESSAGE_RATE` (10/s, burst 20) messages → closed
+    with **4429**". 20 frames sent at once are all answered and the 21st closes the socket;
+    on a second socket, 0.1 s after a burst of 20 one more frame is allowed (one token
+    refilled at 10/s), and the next is not. Other rate or burst values fail this test.
+    """
+    assert (settings.WS_MESSAGE_RATE, settings.WS_MESSAGE_BURST) == (10, 20)
+    frame = json.dumps({"text": "hi"})  # anonymous: each answered with an error frame
+
+    async def burst(socket, count):
+        for _ in range(count):
+            await socket.send_to(text_data=frame)
+        return [await socket.receive_json_from() for _ in range(count)]
+
+    async def closed(socket):
+        message = await socket.receive_output(timeout=2)
+        return message["type"] == "websocket.close" and message.get("code")
+
+    async def run():
+        first = WebsocketCommunicator(application, "/ws/live/", headers=HEADERS)
+        assert (await first.connect())[0]
+        for _ in range(21):  # all at once: no time for a token to come back
+            await first.send_to(text_data=frame)
+        answered = [await first.receive_json_from() for _ in range(20)]
+        first_close = await closed(first)
+
+        second = WebsocketCommunicator(application, "/ws/live/", headers=HEADERS)
+        assert (await second.connect())[0]
+        began = time.monotonic()
+        assert len(await burst(second, 20)) == 20
+        await asyncio.sleep(0.1)
+        one_more = await burst(second, 1)
+        await second.send_to(text_data=frame)
+        second_close = await closed(second)
+        return answered, first_close, one_more, second_close, time.monotonic() - began
+
+    answered, first_close, one_more, second_close, took = async_to_sync(run)()
+    assert answered == [{"type": "error", "error": "login required"}] * 20
+    assert first_close == 4429
+    assert one_more == [{"type": "error", "error": "login required"}]
+    assert took < 0.2, f"{took:.2f} s: too slow to tell one refilled token from two"
+    assert second_close == 4429

@@ -179,3 +179,31 @@ def test_unknown_path_is_refused():
 
 def test_the_old_stack_name_is_an_alias():
     assert SessionKeyAuthMiddlewareStack is SessionAuthMiddlewareStack
+
+
+def test_fallback_match_never_writes_the_session(session_key, settings):
+    """
+    README (key rotation): the socket side checks the session auth hash against
+    SECRET_KEY_FALLBACKS "as Django's own get_user does", but "never writes to the session
+    (Django cycles the key on a fallback match ...)". A handshake known only through the
+    fallback hash makes no INSERT, UPDATE or DELETE, and leaves the row as it was.
+    """
+    from django.contrib.auth import HASH_SESSION_KEY
+    from django.contrib.auth.models import User
+    from django.contrib.sessions.backends.db import SessionStore
+
+    row = Session.objects.values_list("session_data", "expire_date").get(pk=session_key)
+    settings.SECRET_KEY, settings.SECRET_KEY_FALLBACKS = "a-brand-new-key", [settings.SECRET_KEY]
+    # Known through the fallback hash: the current key's hash does not match, an old one does.
+    stored = SessionStore(session_key).load()[HASH_SESSION_KEY]
+    alice = User.objects.get(username="alice")
+    assert stored != alice.get_session_auth_hash()
+    assert stored in alice.get_session_auth_fallback_hash()
+    for way in ({"cookie": f"sessionid={session_key}"}, {"query": f"session_key={session_key}"}):
+        with CaptureQueriesContext(connection) as queries:
+            frame = whoami(**way)
+        assert frame["user"] == "alice" and queries.captured_queries, "no query was seen"
+        writes = [q["sql"] for q in queries if not q["sql"].lstrip().upper().startswith("SELECT")]
+        assert writes == []
+    assert Session.objects.values_list("session_data", "expire_date").get(pk=session_key) == row
+    assert Session.objects.count() == 1

@@ -34,6 +34,9 @@ def test_make_up_cross_domain_custom_ports_and_sigterm(tmp_path):
     assert took < 10
     assert stack.leftover_processes() == []
     assert not any(answers(port) for port in ports)
+    # Its logs, like every stack's: the key it sent, in any form, and no credential's value.
+    assert "/ws/whoami/" in stack.log_files()["nginx-access.log"]
+    stack.assert_no_secrets_logged()
 
 
 def test_busy_port_gives_a_readable_message(tmp_path):

@@ -1,15 +1,53 @@
-"""Tickets and session-bound sockets on the real stack: nginx, Gunicorn, two Daphnes, Redis."""
+"""Tickets and session-bound sockets on the real stack: nginx, Gunicorn, two Daphnes, Redis.
+
+Two kinds of stack: cross_stack (conftest) re-checks sessions every second, so it proves the
+re-check path; event_stack (here) re-checks every 600 s, so a socket that closes within a
+second of a logout there was closed by the session.end event, nothing else.
+"""
 
 import asyncio
+import hashlib
 import json
 import re
+import subprocess
+import sys
 import time
 
+import pytest
 import requests
 
-from tests.stack import Stack
+from tests.stack import ROOT, Stack, wait_until
 
 CLOSE_WAIT = 5  # seconds a test waits for a close; what it asserts is stated per test
+RECHECKED = re.compile(r"INFO asgi_site\.upkeep: re-checked (\d+) sessions")
+
+
+def rechecks(stack):
+    """How many re-checks of at least one session the stack's Daphnes have logged."""
+    logs = "\n".join(
+        p.read_text(errors="replace") for p in (stack.state_dir / "log").glob("daphne-*.log")
+    )
+    return sum(int(n) > 0 for n in RECHECKED.findall(logs))
+
+
+@pytest.fixture(scope="module")
+def event_stack(tmp_path_factory):
+    """Cross-domain, two Daphne processes, re-checks 600 s apart: only events end sockets."""
+    stack = Stack(
+        "cross-domain",
+        tmp_path_factory.mktemp("events"),
+        env={"WS_SESSION_RECHECK_SECONDS": 600},
+    )
+    stack.start()
+    yield stack
+    took = stack.stop()
+    assert took < 10, f"stopping took {took:.1f} s"
+    assert stack.leftover_processes() == []
+    assert rechecks(stack) == 0, "a re-check ran: the event stack's proofs do not hold"
+    logs = stack.log_text()
+    assert logs, "no logs were written: nothing to prove"
+    leaked = [s for s in stack.secrets if s in logs]
+    assert not leaked, f"{len(leaked)} session keys or tickets reached the logs"
 
 
 async def opened(stack, port=None, **kwargs):
@@ -58,19 +96,24 @@ def test_ticket_needs_login_over_http(cross_stack):
     assert response.status_code == 403 and response.json() == {"error": "login required"}
 
 
-def test_logout_closes_sockets_on_both_daphne_processes_within_a_second(cross_stack):
-    session, key = cross_stack.login()
-    tickets = [cross_stack.ticket(session) for _ in cross_stack.daphne_ports]
+def test_logout_closes_sockets_on_both_daphne_processes_within_a_second(event_stack):
+    """
+    README: "Logout over HTTP sends one `session.end` event ... closes that session's sockets
+    with code **4401**, on every process, within a second." On the event stack (re-checks
+    600 s apart), so the event, not a re-check, closes them.
+    """
+    session, key = event_stack.login()
+    tickets = [event_stack.ticket(session) for _ in event_stack.daphne_ports]
 
     async def run():
         sockets = []
-        for port, ticket in zip(cross_stack.daphne_ports, tickets, strict=True):
-            ws, frame = await opened(cross_stack, port=port, query=f"?ticket={ticket}")
+        for port, ticket in zip(event_stack.daphne_ports, tickets, strict=True):
+            ws, frame = await opened(event_stack, port=port, query=f"?ticket={ticket}")
             assert frame["auth"] == "ticket"
             sockets.append(ws)
-        ws, frame = await opened(cross_stack, query=f"?session_key={key}")  # through nginx
+        ws, frame = await opened(event_stack, query=f"?session_key={key}")  # through nginx
         sockets.append(ws)
-        logout = asyncio.to_thread(cross_stack.csrf_post, session, "/accounts/logout/")
+        logout = asyncio.to_thread(event_stack.csrf_post, session, "/accounts/logout/")
         began = time.monotonic()
         assert (await logout).status_code == 302
         results = await asyncio.gather(*(closed_within(ws) for ws in sockets))
@@ -79,20 +122,26 @@ def test_logout_closes_sockets_on_both_daphne_processes_within_a_second(cross_st
     codes, took = asyncio.run(run())
     assert codes == [4401, 4401, 4401]
     assert took < 1.0, f"sockets closed {took:.2f} s after logout began"
+    assert rechecks(event_stack) == 0
 
 
-def test_log_out_everywhere_closes_sockets_of_both_sessions(cross_stack):
-    cross_stack.create_user("everywhere", "everywhere-pass")
-    first, first_key = cross_stack.login("everywhere", "everywhere-pass")
-    second, second_key = cross_stack.login("everywhere", "everywhere-pass")
+def test_log_out_everywhere_closes_sockets_of_both_sessions(event_stack):
+    """
+    README: "*Log out everywhere* ... deletes every session of the user ... and ends every
+    socket of the user the same way" (the session.end event, within a second). On the event
+    stack, so no re-check can do it instead.
+    """
+    event_stack.create_user("everywhere", "everywhere-pass")
+    first, first_key = event_stack.login("everywhere", "everywhere-pass")
+    second, second_key = event_stack.login("everywhere", "everywhere-pass")
 
     async def run():
-        a, _ = await opened(cross_stack, query=f"?session_key={first_key}")
+        a, _ = await opened(event_stack, query=f"?session_key={first_key}")
         b, _ = await opened(
-            cross_stack, query=f"?session_key={second_key}", port=cross_stack.daphne_ports[1]
+            event_stack, query=f"?session_key={second_key}", port=event_stack.daphne_ports[1]
         )
         response = await asyncio.to_thread(
-            cross_stack.csrf_post, first, "/accounts/logout-everywhere/"
+            event_stack.csrf_post, first, "/accounts/logout-everywhere/"
         )
         assert response.status_code == 302
         return await asyncio.gather(closed_within(a), closed_within(b))
@@ -100,11 +149,51 @@ def test_log_out_everywhere_closes_sockets_of_both_sessions(cross_stack):
     (code_a, took_a), (code_b, took_b) = asyncio.run(run())
     assert (code_a, code_b) == (4401, 4401)
     assert max(took_a, took_b) < 1.0
-    assert cross_stack.whoami(query=f"session_key={second_key}")["authenticated"] is False
+    assert event_stack.whoami(query=f"session_key={second_key}")["authenticated"] is False
+    assert rechecks(event_stack) == 0
 
 
-def recheck_close(stack, username, change):
-    """Open a socket as `username`, apply `change(key)`; return (close code, seconds after)."""
+def test_session_end_carries_the_hash_never_the_key(event_stack, tmp_path):
+    """
+    README: logout "sends one `session.end` event (the session key's SHA-256, never the
+    key)". Every command Redis receives while a logout ends a socket (redis-cli MONITOR):
+    the key's SHA-256 is there, the key is not.
+    """
+    session, key = event_stack.login()
+    digest = hashlib.sha256(key.encode()).hexdigest()
+    seen = tmp_path / "monitor.txt"
+
+    async def run():
+        ws, frame = await opened(event_stack, query=f"?session_key={key}")  # no Redis involved
+        assert frame["auth"] == "session_key"
+        with seen.open("w") as sink:
+            command = ["redis-cli", "-p", str(event_stack.redis_port), "MONITOR"]
+            monitor = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT)
+            try:
+                wait_until(lambda: "OK" in seen.read_text(), 5, "MONITOR did not start")
+                response = await asyncio.to_thread(
+                    event_stack.csrf_post, session, "/accounts/logout/"
+                )
+                assert response.status_code == 302
+                code, _ = await closed_within(ws)
+                wait_until(lambda: digest in seen.read_text(), 5, "no session.end seen in Redis")
+            finally:
+                monitor.terminate()
+                monitor.wait(5)
+        return code
+
+    assert asyncio.run(run()) == 4401
+    commands = seen.read_text()
+    assert "session.end" in commands and digest in commands
+    assert key not in commands
+
+
+def recheck_close(stack, username, change, rechecked=True):
+    """
+    Open a socket as `username`, apply `change(key)`; return (close code, seconds after).
+    With `rechecked`, for changes no session.end event can announce, assert a re-check ran
+    (Daphne logged one) between the change and the close.
+    """
     stack.create_user(username, f"{username}-pass")
     session, key = stack.login(username, f"{username}-pass")
 
@@ -112,12 +201,23 @@ def recheck_close(stack, username, change):
         ws, frame = await opened(stack, query=f"?session_key={key}")
         assert frame["user"] == username
         await asyncio.to_thread(change, key)
-        return await closed_within(ws)
+        before = rechecks(stack)
+        result = await closed_within(ws)
+        if rechecked:
+            wait_until(lambda: rechecks(stack) > before, 2, "socket closed, but no re-check ran")
+        return result
 
     return asyncio.run(run())
 
 
 def test_recheck_closes_after_password_change_elsewhere(cross_stack):
+    """
+    README ("What happens when"): the user "changes password ... the socket closes with
+    **4401**". Through Django's password change form in another session, which may also
+    send a session.end (wsgi_site.signals), so either path may close it: see the next test
+    for the re-check alone.
+    """
+
     def change_password_in_another_session(key):
         other, _ = cross_stack.login("pw", "pw-pass")
         page = cross_stack.http(other, "GET", "/accounts/password_change/")
@@ -135,11 +235,37 @@ def test_recheck_closes_after_password_change_elsewhere(cross_stack):
         )
         assert response.status_code == 302, response.text
 
-    code, took = recheck_close(cross_stack, "pw", change_password_in_another_session)
+    code, took = recheck_close(
+        cross_stack, "pw", change_password_in_another_session, rechecked=False
+    )
     assert code == 4401 and took < 2.5  # re-check every 1 s
 
 
+def test_recheck_closes_after_the_password_hash_changed_without_an_event(cross_stack):
+    """
+    README (re-checks): "password changed (the session auth hash no longer matches) closes
+    the socket with 4401". The password is rewritten in the database with a queryset update,
+    which no signal, validator or event sees: only a re-check can close the socket.
+    """
+
+    def rewrite_password(key):
+        cross_stack.manage(
+            "shell",
+            "-c",
+            "from django.contrib.auth.models import User; "
+            "from django.contrib.auth.hashers import make_password; "
+            "n = User.objects.filter(username='rehashed')"
+            ".update(password=make_password('another-pass')); "
+            "assert n == 1",
+        )
+
+    code, took = recheck_close(cross_stack, "rehashed", rewrite_password)
+    assert code == 4401 and took < 2.5
+
+
 def test_recheck_closes_after_deactivation(cross_stack):
+    """README: at a re-check, "user deactivated ... closes the socket with 4401"."""
+
     def deactivate(key):
         cross_stack.manage(
             "shell",
@@ -153,6 +279,8 @@ def test_recheck_closes_after_deactivation(cross_stack):
 
 
 def test_recheck_closes_after_session_deletion(cross_stack):
+    """README: at a re-check, a session "deleted" closes the socket with 4401."""
+
     def delete_session(key):
         cross_stack.manage(
             "shell",
@@ -166,8 +294,77 @@ def test_recheck_closes_after_session_deletion(cross_stack):
     assert code == 4401 and took < 2.5
 
 
+def test_recheck_closes_an_expired_session(cross_stack):
+    """
+    README: re-checks close a socket whose session is "deleted or expired" with 4401 ("the
+    rest at the next re-check"): the row stays, only its expire_date passes.
+    """
+
+    def expire(key):
+        cross_stack.manage(
+            "shell",
+            "-c",
+            "import os, datetime; from django.utils import timezone; "
+            "from django.contrib.sessions.models import Session; "
+            "n = Session.objects.filter(pk=os.environ['KEY'])"
+            ".update(expire_date=timezone.now() - datetime.timedelta(seconds=1)); "
+            "assert n == 1",
+            KEY=key,
+        )
+
+    code, took = recheck_close(cross_stack, "expired", expire)
+    assert code == 4401 and took < 2.5
+
+
+def test_stale_cookie_does_not_hide_a_valid_ticket(cross_stack):
+    """
+    README ("What happens when"): "a stale cookie comes with a valid key or ticket → known:
+    a cookie hides nothing unless it gives a logged-in user". Same-host cookie to Daphne.
+    """
+    session, key = cross_stack.login()
+    stale = "sessionid=" + "0" * 32
+    frame = cross_stack.whoami(query=f"ticket={cross_stack.ticket(session)}", cookie=stale)
+    assert (frame["user"], frame["auth"]) == ("demo", "ticket")
+    frame = cross_stack.whoami(query=f"session_key={key}", cookie=stale)
+    assert (frame["user"], frame["auth"]) == ("demo", "session_key")
+
+
+def manage(stack, *args, **env):
+    """
+    wsgi_site/manage.py on the stack's database, with the stack's own environment:
+    Stack.manage reads STATE_DIR/secret-key, which a stack given SECRET_KEY never writes.
+    """
+    if "SECRET_KEY" not in stack.env:
+        return stack.manage(*args, **env)
+    environment = {k: v for k, v in stack.env.items() if k != "DJANGO_SETTINGS_MODULE"}
+    command = [sys.executable, str(ROOT / "wsgi_site" / "manage.py"), *args]
+    return subprocess.run(
+        command, env={**environment, **env}, capture_output=True, text=True, check=True
+    ).stdout
+
+
+def session_row(stack, key):
+    """The session's row as stored (data and expiry), or "[]" when there is none."""
+    return manage(
+        stack,
+        "shell",
+        "-c",
+        "import os; from django.contrib.sessions.models import Session; "
+        "print(list(Session.objects.filter(pk=os.environ['KEY'])"
+        ".values_list('session_data', 'expire_date')))",
+        KEY=key,
+    ).splitlines()[-1]  # after Django's "N objects imported automatically"
+
+
 def test_secret_key_rotation_with_fallbacks_keeps_the_socket_user(tmp_path):
-    """Restart with a new SECRET_KEY and the old one in SECRET_KEY_FALLBACKS: still known."""
+    """
+    README (key rotation): "rotating `SECRET_KEY` with the old key in the fallbacks keeps
+    socket users logged in. It never writes to the session". Restart with a new SECRET_KEY:
+    without SECRET_KEY_FALLBACKS the session is anonymous on the socket while its row is
+    intact (no HTTP request has cycled its key: Django's get_user deletes the old key on a
+    fallback match); with the old key in the fallbacks the same row is known, through the
+    fallback auth hash, stays open through two re-checks, and is not written.
+    """
     old, new = "old-secret-key-" + "x" * 40, "new-secret-key-" + "y" * 40
     settings = {"WS_SESSION_RECHECK_SECONDS": "1"}
     stack = Stack(
@@ -176,6 +373,8 @@ def test_secret_key_rotation_with_fallbacks_keeps_the_socket_user(tmp_path):
     port = stack.public_port
     try:
         session, key = stack.login()
+        row = session_row(stack, key)
+        assert row != "[]"
     finally:
         stack.stop()
 
@@ -184,27 +383,55 @@ def test_secret_key_rotation_with_fallbacks_keeps_the_socket_user(tmp_path):
             "cross-domain", tmp_path, port=port, asgi_processes=1, env={**settings, **env}
         ).start()
 
+    # The control first, before any HTTP request could cycle the key: the same row, no fallback.
+    stack = restarted(SECRET_KEY=new)
+    stack.secrets.add(key)
+    try:
+        assert session_row(stack, key) == row
+        assert stack.whoami(query=f"session_key={key}")["authenticated"] is False
+        assert session_row(stack, key) == row, "the control changed the session"
+    finally:
+        stack.stop()
+
     stack = restarted(SECRET_KEY=new, SECRET_KEY_FALLBACKS=old)
     stack.secrets.add(key)
     try:
+        assert session_row(stack, key) == row
+        # Only the fallback auth hash can know this session: the current key's does not match.
+        hashes = manage(
+            stack,
+            "shell",
+            "-c",
+            "import os; from django.contrib.sessions.backends.db import SessionStore; "
+            "from django.contrib.auth import get_user_model; "
+            "data = SessionStore(os.environ['KEY']).load(); "
+            "user = get_user_model().objects.get(pk=data['_auth_user_id']); "
+            "print(data['_auth_user_hash'] == user.get_session_auth_hash(), "
+            "data['_auth_user_hash'] in user.get_session_auth_fallback_hash())",
+            KEY=key,
+        ).split()[-2:]
+        assert hashes == ["False", "True"]
 
         async def run():
             ws, frame = await opened(stack, query=f"?session_key={key}")
-            await asyncio.sleep(2.5)  # two re-checks
+            before = rechecks(stack)
+            await asyncio.to_thread(
+                wait_until, lambda: rechecks(stack) >= before + 2, 10, "two re-checks did not run"
+            )
             still_open = ws.close_code is None
             await ws.close()
             return frame, still_open
 
         frame, still_open = asyncio.run(run())
         assert frame["user"] == "demo" and still_open
+        assert session_row(stack, key) == row, "the socket wrote the session"
+        # Over HTTP, Django's get_user cycles the key on the fallback match: the old key ends.
         assert "You are <strong>demo</strong>" in stack.http(session, "GET", "/").text
+        cycled = session.cookies["sessionid"]
+        stack.secrets.add(cycled)
+        assert cycled != key and session_row(stack, key) == "[]"
+        assert stack.whoami(query=f"session_key={cycled}")["user"] == "demo"
     finally:
         stack.stop()
-
-    # Without the fallback, the same session is worth nothing: the test above can fail.
-    stack = restarted(SECRET_KEY=new)
-    try:
-        assert stack.whoami(query=f"session_key={key}")["authenticated"] is False
-    finally:
-        stack.stop()
-    assert key not in stack.log_text()
+    logs = stack.log_text()
+    assert not [secret for secret in stack.secrets if secret in logs]

@@ -2,9 +2,13 @@
 
 import asyncio
 import json
+import re
+import uuid
 
 import requests
 import websockets
+
+from tests.stack import Stack, wait_until
 
 
 def test_same_domain_cookie_is_known(same_stack):
@@ -119,19 +123,87 @@ def test_announce_anonymous_gets_json_403(cross_stack):
 
 
 def test_secrets_in_urls_stay_out_of_every_log(cross_stack):
-    """Keys sent every way a URL can carry them: none reaches nginx, Gunicorn or Daphne logs."""
+    """
+    Keys sent every way a URL can carry them: none reaches nginx, Gunicorn or Daphne logs.
+    The requests carry a User-Agent (and a path) of their own, so the lines they left, and
+    only those, are found: logged, and without their query strings.
+    """
     session, key = cross_stack.login()
     made_up = "m" * 32
     cross_stack.secrets.add(made_up)
-    cross_stack.whoami(query=f"session_key={key}")
-    cross_stack.whoami(query=f"session_key={made_up}")
-    cross_stack.whoami(query=f"session_key={key}", origin="http://www.evil.test")
+    marker = f"log-probe-{uuid.uuid4().hex}"
+    agent = {"User-Agent": marker}
+    cross_stack.whoami(query=f"session_key={key}", user_agent_header=marker)
+    cross_stack.whoami(query=f"session_key={made_up}", user_agent_header=marker)
+    cross_stack.whoami(
+        query=f"session_key={key}", origin="http://www.evil.test", user_agent_header=marker
+    )
     plain = requests.Session()
     # Plain HTTP on a socket path, and on pages, with the key in the query string.
-    cross_stack.http(plain, "GET", f"/ws/whoami/?session_key={key}", host=cross_stack.realtime_host)
-    cross_stack.http(plain, "GET", f"/healthz?session_key={key}", host=cross_stack.realtime_host)
-    cross_stack.http(plain, "GET", f"/?session_key={key}")
-    cross_stack.http(plain, "GET", f"/nope?session_key={made_up}")
-    logs = cross_stack.log_text()
-    assert "/ws/whoami/" in logs and "/nope" in logs  # the requests were logged...
-    assert key not in logs and made_up not in logs  # ...without their query strings
+    realtime = cross_stack.realtime_host
+    for path, host in [
+        (f"/ws/whoami/?session_key={key}", realtime),
+        (f"/healthz?session_key={key}", realtime),
+        (f"/?session_key={key}", None),
+        (f"/{marker}?session_key={made_up}", None),
+    ]:
+        cross_stack.http(plain, "GET", path, host=host, headers=agent)
+
+    def our_lines():
+        # nginx writes a line once the response is sent: the last may still be on its way.
+        lines = cross_stack.log_files()["nginx-access.log"].splitlines()
+        ours = [line for line in lines if f'"{marker}"' in line]
+        return ours if len(ours) >= 7 else None
+
+    ours = wait_until(our_lines, 5, "the probe requests were not all logged")
+    logs = cross_stack.log_files()
+    requests_logged = [
+        re.search(r'"(\w+) (\S+) HTTP/1\.1" (\d{3}) \d+ host=(\S+)', line).groups() for line in ours
+    ]
+    # The requests were logged, each once, as path and status, never a query string...
+    assert requests_logged == [
+        ("GET", "/ws/whoami/", "101", realtime),
+        ("GET", "/ws/whoami/", "101", realtime),
+        ("GET", "/ws/whoami/", "403", realtime),
+        ("GET", "/ws/whoami/", "404", realtime),
+        ("GET", "/healthz", "200", realtime),
+        ("GET", "/", "200", cross_stack.app_host),
+        ("GET", f"/{marker}", "404", cross_stack.app_host),
+    ]
+    gunicorn = [line for line in logs["gunicorn.log"].splitlines() if f"/{marker}" in line]
+    # Gunicorn's access line, and Django's "Not Found" warning, both with the path alone.
+    assert [line for line in gunicorn if f'"GET /{marker} HTTP/1.1" 404' in line] != [], gunicorn
+    assert len(gunicorn) == 2 and f"Not Found: /{marker}" in "\n".join(gunicorn), gunicorn
+    # ...and no log holds either key, in any form.
+    assert not [line for line in ours + gunicorn if "?" in line or "session_key" in line]
+    for text in logs.values():
+        assert key not in text and made_up not in text
+    cross_stack.assert_no_secrets_logged()
+
+
+def test_the_log_check_catches_every_form_of_a_secret(tmp_path):
+    """assert_no_secrets_logged fails on a secret as sent, upper-cased, %-encoded, or any
+    credential's value after session_key=/ticket=; so its passing elsewhere means something."""
+    secret = "abcdefgh12345678abcdefgh12345678"
+    stack = Stack("cross-domain", tmp_path)
+    stack.secrets.add(secret)
+    (tmp_path / "log").mkdir()
+    log = tmp_path / "log" / "nginx-access.log"
+    log.write_text('"GET /ws/whoami/ HTTP/1.1" 101 0 host=realtime.localhost\n')
+    stack.assert_no_secrets_logged()  # a clean log passes
+    for leak in [
+        secret,
+        secret.upper(),
+        "".join(f"%{ord(c):02x}" for c in secret),
+        "".join(f"%{ord(c):02X}" for c in secret),
+        "ticket=ZZZZ-not-recorded",
+        "?SESSION_KEY=unrecorded123",
+        "session_key%3Dunrecorded123",
+        "subprotocols realtime, ticket.unrecorded",
+    ]:
+        log.write_text(f'"GET /ws/whoami/{leak} HTTP/1.1" 101\n')
+        try:
+            stack.assert_no_secrets_logged()
+        except AssertionError:
+            continue
+        raise AssertionError(f"the log check missed {leak!r}")

@@ -9,13 +9,16 @@ WebsocketCommunicator and the whole ASGI application.
 import asyncio
 import hashlib
 import time
+from datetime import timedelta
 
 import pytest
 from asgiref.sync import async_to_sync, sync_to_async
 from django.contrib.auth import get_user_model
 from django.contrib.sessions.models import Session
 from django.test import Client
+from django.utils import timezone
 
+from contract import tickets
 from tests.sockets import communicator, handshake, whoami
 
 pytestmark = pytest.mark.django_db
@@ -52,6 +55,17 @@ def test_ticket_needs_login_and_a_known_path(alice, redis_server):
     assert anonymous.status_code == 403 and anonymous.json() == {"error": "login required"}
     bad = alice.post("/ws-ticket/", {"path": "/admin/"}, content_type="application/json")
     assert bad.status_code == 400 and "path must be one of" in bad.json()["error"]
+
+
+def test_ticket_lives_30_seconds_in_redis(alice, redis_server):
+    """
+    README: tickets are "stored in Redis against the session for `WS_TICKET_TTL` seconds"
+    (30 by default): the TTL of the ticket's own key in Redis, not just the echoed expires_in.
+    """
+    ticket = mint(alice)["ticket"]
+    ttl_ms = redis_server.pttl(tickets.redis_key(ticket))
+    assert 0 < ttl_ms <= 30_000
+    assert ttl_ms > 25_000, f"{ttl_ms} ms left: the TTL set is not 30 s"
 
 
 def test_ticket_is_csrf_protected(alice):
@@ -123,6 +137,61 @@ def test_redis_holds_the_tickets_hash_not_the_ticket(alice, redis_server):
     assert f"ws-ticket:{hashlib.sha256(ticket.encode()).hexdigest()}" in keys
     assert not any(ticket in k for k in keys)
     assert all(ticket.encode() not in (redis_server.get(k) or b"") for k in keys)
+
+
+def test_concurrent_redemptions_of_one_ticket_open_one_socket(alice, redis_server):
+    """
+    README: tickets are "redeemed atomically with `GETDEL`": 20 handshakes offering the same
+    ticket at once, against the real Redis, make exactly one known socket.
+    """
+    ticket = mint(alice)["ticket"]
+
+    async def run():
+        sockets = [communicator(query=f"ticket={ticket}") for _ in range(20)]
+        await asyncio.gather(*(socket.connect() for socket in sockets))
+        frames = [await socket.receive_json_from() for socket in sockets]
+        await asyncio.gather(*(socket.disconnect() for socket in sockets))
+        return frames
+
+    frames = async_to_sync(run)()
+    assert sorted(frame["auth"] for frame in frames) == ["none"] * 19 + ["ticket"]
+
+
+def test_concurrent_redeem_hands_out_the_session_key_once(redis_server):
+    """
+    README: a ticket opens "one socket, once", redeemed "atomically with `GETDEL`": 20
+    concurrent contract.tickets.redeem calls, each on its own Redis connection, get the key
+    once. The control, GET then DEL in two commands, hands it out more than once under the
+    same concurrency: this test can tell an atomic redemption from one that is not.
+    """
+
+    async def race(redeem):
+        ticket = tickets.mint("s" * 32)
+        return await asyncio.gather(*(redeem(ticket) for _ in range(20)))
+
+    async def get_then_del(ticket):
+        client = tickets.async_client()
+        value = await client.get(tickets.redis_key(ticket))
+        await client.delete(tickets.redis_key(ticket))
+        return value and value.decode()
+
+    winners = async_to_sync(race)(tickets.redeem)
+    assert winners.count("s" * 32) == 1 and winners.count(None) == 19
+    assert async_to_sync(race)(get_then_del).count("s" * 32) > 1
+
+
+def test_stale_cookie_does_not_hide_a_valid_ticket(alice):
+    """
+    README ("What happens when"): "a stale cookie comes with a valid key or ticket → known: a
+    cookie hides nothing unless it gives a logged-in user". Unknown and anonymous cookies.
+    """
+    visitor = Client()
+    session = visitor.session
+    session["seen"] = True
+    session.save()
+    for stale in ("0" * 32, session.session_key):
+        frame = whoami(query=f"ticket={mint(alice)['ticket']}", cookie=f"sessionid={stale}")
+        assert (frame["user"], frame["auth"]) == ("alice", "ticket")
 
 
 def test_ticket_refusals_are_logged_without_the_ticket(alice, caplog):
@@ -198,12 +267,35 @@ def test_recheck_closes_after_deactivation(alice, settings):
     assert watch_close(alice, deactivate, settings) == 4401
 
 
+def test_recheck_closes_an_expired_session(alice, settings):
+    """
+    README: a re-check closes the socket of a session "deleted or expired" with 4401: the
+    session row stays, only its expire_date passes.
+    """
+    key = alice.session.session_key
+
+    def expire():
+        past = timezone.now() - timedelta(seconds=1)
+        assert Session.objects.filter(pk=key).update(expire_date=past) == 1
+
+    assert watch_close(alice, expire, settings) == 4401
+    assert Session.objects.filter(pk=key).exists()
+
+
 def test_recheck_closes_after_session_deletion(alice, settings):
     key = alice.session.session_key
     assert watch_close(alice, lambda: Session.objects.filter(pk=key).delete(), settings) == 4401
 
 
-def test_recheck_keeps_a_valid_socket_open(alice, settings):
+def rechecks(caplog):
+    return sum(r.getMessage().startswith("re-checked 1 sessions") for r in caplog.records)
+
+
+def test_recheck_keeps_a_valid_socket_open(alice, settings, caplog):
+    """
+    README: re-checks close only sockets whose session ended: a valid session's socket
+    stays open through five re-checks, counted in asgi_site.upkeep's "re-checked" log lines.
+    """
     settings.WS_SESSION_RECHECK_SECONDS = 0.1
     key = alice.session.session_key
 
@@ -211,12 +303,17 @@ def test_recheck_keeps_a_valid_socket_open(alice, settings):
         socket = communicator(query=f"session_key={key}")
         await socket.connect()
         await socket.receive_json_from()
-        await asyncio.sleep(0.5)  # five re-checks
+        before = rechecks(caplog)
+        deadline = time.monotonic() + 10
+        while rechecks(caplog) < before + 5:  # five re-checks, seen to run
+            assert time.monotonic() < deadline, f"{rechecks(caplog) - before} re-checks ran"
+            await asyncio.sleep(0.05)
         quiet = await socket.receive_nothing(timeout=0.2)
         await socket.disconnect()
         return quiet
 
-    assert async_to_sync(run)() is True
+    with caplog.at_level("INFO", logger="asgi_site.upkeep"):
+        assert async_to_sync(run)() is True
 
 
 # SECRET_KEY rotation: Django's get_user honours SECRET_KEY_FALLBACKS; Channels' does not.
@@ -230,9 +327,20 @@ def test_secret_key_rotation_with_fallback_keeps_the_socket_user(alice, settings
 
 
 def test_secret_key_rotation_without_fallback_logs_the_socket_out(alice, settings):
-    cookie = f"sessionid={alice.session.session_key}"
+    """
+    README: rotating SECRET_KEY "with the old key in the fallbacks keeps socket users logged
+    in"; the control: without SECRET_KEY_FALLBACKS the same, untouched session is anonymous,
+    and known again once the fallback is back (nothing cycled or deleted it meanwhile).
+    """
+    key = alice.session.session_key
+    cookie = f"sessionid={key}"
+    old = settings.SECRET_KEY
+    row = Session.objects.values_list("session_data", "expire_date").get(pk=key)
     settings.SECRET_KEY, settings.SECRET_KEY_FALLBACKS = "a-brand-new-secret-key", []
     assert whoami(cookie=cookie)["authenticated"] is False
+    assert Session.objects.values_list("session_data", "expire_date").get(pk=key) == row
+    settings.SECRET_KEY_FALLBACKS = [old]
+    assert whoami(cookie=cookie)["user"] == "alice"
 
 
 def test_logout_everywhere_deletes_every_session_of_the_user(alice):

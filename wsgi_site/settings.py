@@ -1,7 +1,7 @@
 """Settings for the WSGI half: Gunicorn serving every page."""
 
 from shared_settings.base import *  # noqa: F403
-from shared_settings.base import INSTALLED_APPS, TOPOLOGY, env
+from shared_settings.base import AUTH_PASSWORD_VALIDATORS, INSTALLED_APPS, TOPOLOGY, env
 
 INSTALLED_APPS = [*INSTALLED_APPS, "django.contrib.staticfiles", "wsgi_site.apps.WsgiSiteConfig"]
 MIDDLEWARE = [
@@ -31,6 +31,11 @@ STATIC_URL = "static/"
 STATIC_ROOT = env.str("STATIC_ROOT", default=str(TOPOLOGY.state_dir / "static"))
 STORAGES = {"staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"}}
 LOGIN_REDIRECT_URL = LOGOUT_REDIRECT_URL = "/"
+# Not a rule for passwords: the hook that closes a user's sockets when the password changes.
+AUTH_PASSWORD_VALIDATORS = [
+    *AUTH_PASSWORD_VALIDATORS,
+    {"NAME": "wsgi_site.signals.EndSocketsOnPasswordChange"},
+]
 
 # The demo panel's "straight to Daphne" row: only where Daphne's own port is
 # reachable from the browser (the native runtime), never behind compose.

@@ -38,3 +38,23 @@ def end_sockets(event: dict) -> None:
     except LAYER_ERRORS as exc:
         # The logout itself stands; sockets end at their next re-check instead.
         logger.warning("sockets not told of logout, channel layer unreachable: %r", exc)
+
+
+class EndSocketsOnPasswordChange:
+    """
+    A password "validator" that validates nothing: Django calls password_changed() on every
+    validator after any password change is saved (form, admin, shell, reset), which is the
+    moment every socket of the user must end. Django keeps the session that made the change
+    logged in over HTTP, but cycles its key, so that session's sockets end too: its pages
+    reconnect with a fresh ticket.
+    """
+
+    def validate(self, password, user=None):
+        pass
+
+    def password_changed(self, password, user=None):
+        if user is not None and user.pk is not None:
+            end_sockets(session_end(user=user.pk))
+
+    def get_help_text(self):
+        return ""
