@@ -9,14 +9,14 @@ django_asgi_app = get_asgi_application()
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
 from .auth import SessionAuthMiddlewareStack  # noqa: E402
-from .origins import TopologyOriginValidator  # noqa: E402
+from .origins import AllowedHostsValidator, TopologyOriginValidator  # noqa: E402
 from .routing import websocket_urlpatterns  # noqa: E402
 
 application = ProtocolTypeRouter(
     {
         "http": django_asgi_app,
-        "websocket": TopologyOriginValidator(
-            SessionAuthMiddlewareStack(URLRouter(websocket_urlpatterns))
+        "websocket": AllowedHostsValidator(
+            TopologyOriginValidator(SessionAuthMiddlewareStack(URLRouter(websocket_urlpatterns)))
         ),
     }
 )

@@ -114,11 +114,11 @@ async def ticket_session_key(scope: Scope) -> str | None:
     if not tickets.TICKET_RE.fullmatch(ticket):
         return refuse("ticket", f"malformed ({len(ticket)} characters)")
     try:
-        session_key = await tickets.redeem(ticket)
+        session_key = await tickets.redeem(ticket, scope["path"])
     except RedisError as exc:
         return refuse("ticket", f"Redis unreachable ({type(exc).__name__})")
     if session_key is None:
-        return refuse("ticket", "unknown, expired or already used")
+        return refuse("ticket", "unknown, expired, already used, or minted for another path")
     return session_key
 
 

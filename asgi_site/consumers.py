@@ -20,6 +20,8 @@ logger = logging.getLogger(__name__)
 SESSION_ENDED = 4401
 # Close code for a socket that sent more than WS_MESSAGE_RATE messages a second.
 TOO_MANY_MESSAGES = 4429
+# Close code for a socket whose user already holds WS_MAX_SOCKETS_PER_USER open sockets.
+TOO_MANY_SOCKETS = 4409
 # The subprotocol we answer with; credentials offered beside it are never echoed.
 SUBPROTOCOL = "realtime"
 # Seconds a closing socket waits to leave a group before giving up (Redis may be down).
@@ -90,12 +92,17 @@ class RealtimeConsumer(AsyncJsonWebsocketConsumer):
         else:
             standing = upkeep().add(self)
         await upkeep().ready()
-        await self.join(*self.joins)
+        # Within the user's cap of open sockets, counted across every process.
+        admitted = not (standing and user.is_authenticated) or await upkeep().admit(self, user.pk)
+        if admitted:
+            await self.join(*self.joins)
         offered = SUBPROTOCOL in self.scope.get("subprotocols", [])
         await self.accept(SUBPROTOCOL if offered else None)
         if not standing:
             # The session ended while this handshake was under way.
             await self.close(SESSION_ENDED)
+        elif not admitted:
+            await self.close(TOO_MANY_SOCKETS)
 
     async def websocket_disconnect(self, message):
         await self.forget()
@@ -107,6 +114,7 @@ class RealtimeConsumer(AsyncJsonWebsocketConsumer):
         """Leave upkeep and every group; never raises, so every way out can call it."""
         self.closed = True
         upkeep().discard(self)
+        await upkeep().uncount(self)
         groups, self.groups = self.groups, []
         try:
             for group in groups:
@@ -116,9 +124,10 @@ class RealtimeConsumer(AsyncJsonWebsocketConsumer):
             # channels-redis expires the membership; every send to it until then is wasted.
             logger.warning("channel layer unreachable, groups not left: %r", exc)
 
-    async def join(self, *groups):
+    async def join(self, *groups) -> bool:
+        """Join `groups` (again); False if Redis was unreachable."""
         if self.closed:
-            return  # upkeep's re-join may race a socket that is closing
+            return True  # upkeep's re-join may race a socket that is closing
         self.groups = list(dict.fromkeys([*self.groups, *groups]))
         try:
             for group in groups:
@@ -126,6 +135,8 @@ class RealtimeConsumer(AsyncJsonWebsocketConsumer):
         except LAYER_ERRORS as exc:
             # The socket still works; upkeep joins again once Redis is back.
             logger.warning("channel layer unreachable, groups not joined: %r", exc)
+            return False
+        return True
 
     async def end_session(self):
         await self.close(SESSION_ENDED)

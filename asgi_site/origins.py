@@ -1,42 +1,50 @@
 import logging
 
-from channels.security.websocket import OriginValidator
+from channels.security.websocket import WebsocketDenier
 from django.conf import settings
+from django.http.request import split_domain_port, validate_host
 
 logger = logging.getLogger(__name__)
 
 
-class TopologyOriginValidator(OriginValidator):
+class TopologyOriginValidator:
     """
-    Refuse a handshake (HTTP 403, no upgrade) unless its Origin is one of the
-    topology's origins: scheme, host and port must all match. A handshake with no
-    Origin is refused unless WS_ALLOW_MISSING_ORIGIN is set.
+    Refuse a handshake (HTTP 403, no upgrade) unless its Origin is exactly one of
+    WS_ALLOWED_ORIGINS, as a browser serializes an origin: scheme://host[:port] and nothing
+    more, not even an empty query or fragment. With no Origin it is refused unless
+    WS_ALLOW_MISSING_ORIGIN is set.
     """
 
     def __init__(self, application):
-        super().__init__(application, settings.WS_ALLOWED_ORIGINS)
+        self.application = application
 
-    def valid_origin(self, parsed_origin):
-        if parsed_origin is None:
-            allowed = settings.WS_ALLOW_MISSING_ORIGIN
-        elif not is_serialized_origin(parsed_origin):
-            allowed = False
+    async def __call__(self, scope, receive, send):
+        origins = [value for name, value in scope["headers"] if name == b"origin"]
+        if origins:
+            # An exact match: parsing first would forgive "...:8000#" and "...:8000?".
+            origin = origins[0].decode("latin1")
+            allowed = len(origins) == 1 and origin in settings.WS_ALLOWED_ORIGINS
         else:
-            try:
-                allowed = self.validate_origin(parsed_origin)
-            except ValueError:
-                # urlparse raises on a port that is not a number: not an origin.
-                allowed = False
+            origin, allowed = None, settings.WS_ALLOW_MISSING_ORIGIN
         if not allowed:
-            origin = parsed_origin.geturl() if parsed_origin else None
             logger.info("origin refused: %r", origin)
-        return allowed
+            return await WebsocketDenier()(scope, receive, send)
+        return await self.application(scope, receive, send)
 
 
-def is_serialized_origin(parsed):
-    """True for scheme://host[:port] and nothing more, the only form a browser sends."""
-    return (
-        parsed.username is None
-        and parsed.password is None
-        and not (parsed.path or parsed.params or parsed.query or parsed.fragment)
-    )
+class AllowedHostsValidator:
+    """
+    Refuse a handshake (HTTP 403) whose Host is not in ALLOWED_HOSTS, as Django refuses an
+    HTTP request: Daphne then answers only for its own socket host.
+    """
+
+    def __init__(self, application):
+        self.application = application
+
+    async def __call__(self, scope, receive, send):
+        hosts = [value for name, value in scope["headers"] if name == b"host"]
+        domain, _ = split_domain_port(hosts[0].decode("latin1")) if len(hosts) == 1 else ("", "")
+        if not (domain and validate_host(domain, settings.ALLOWED_HOSTS)):
+            logger.info("host refused: %r", hosts[0][:100] if hosts else None)
+            return await WebsocketDenier()(scope, receive, send)
+        return await self.application(scope, receive, send)

@@ -11,12 +11,20 @@ stands: expired, deleted, user deactivated, password changed elsewhere.
 The same task re-joins every socket's groups after the channel layer saw Redis go away
 (Redis may have lost them), and every GROUP_REFRESH_SECONDS, before channels-redis'
 group expiry (a day) drops a long-lived socket from its groups.
+
+It also keeps the per-user cap on open sockets (WS_MAX_SOCKETS_PER_USER), counted across
+every process in Redis: one sorted set per user of socket ids, scored with when their
+process last vouched for them (at admission, then at every re-check). An id not vouched
+for in counted_seconds() (its process died) stops counting at the user's next handshake,
+and the set expires with it. An unreachable Redis refuses no socket: it is admitted,
+uncounted until the next re-check counts it.
 """
 
 import asyncio
 import contextlib
 import logging
 import time
+import uuid
 import weakref
 from importlib import import_module
 from typing import Any
@@ -30,6 +38,7 @@ from django.utils import timezone
 
 from contract.groups import SESSION_EVENTS, session_hash
 from contract.layers import LAYER_ERRORS
+from contract.tickets import async_client
 
 from .auth import authenticated_user
 
@@ -45,6 +54,40 @@ SLOWEST_HANDSHAKE_SECONDS = 30
 # How long a handshake waits for its process to start hearing session.end events.
 LISTEN_WAIT_SECONDS = 2
 IN_CLAUSE = 500  # session keys per query, well under every database's parameter limit
+# The per-user socket count: a sorted set per user, of socket ids scored with Redis' clock.
+USER_SOCKETS_KEY = "ws-user-sockets:{}"
+# Seconds to wait for Redis when a socket leaves its count (a stale id expires anyway).
+UNCOUNT_TIMEOUT = 2
+LOG_EVERY_SECONDS = 5
+COUNT_CHUNK = 500  # socket ids vouched for per script call
+# Admit one socket if the user has fewer than ARGV[2] counted; drop ids gone stale first.
+ADMIT_SCRIPT = """
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[3]))
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then
+    return 0
+end
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[3])))
+return 1
+"""
+# Vouch for open sockets: KEYS[i] holds ARGV[i]; the last ARGV is the staleness window.
+VOUCH_SCRIPT = """
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
+local window = math.ceil(tonumber(ARGV[#ARGV]))
+for i, key in ipairs(KEYS) do
+    redis.call('ZADD', key, now, ARGV[i])
+    redis.call('EXPIRE', key, window)
+end
+return #KEYS
+"""
+
+
+def counted_seconds() -> float:
+    """How long a socket id counts without its process vouching for it again."""
+    return 3 * settings.WS_SESSION_RECHECK_SECONDS + 30
 
 
 class Upkeep:
@@ -61,6 +104,9 @@ class Upkeep:
         self.channel: str | None = None
         self.listening = asyncio.Event()  # set once this process hears session.end events
         self.rejoined = time.monotonic()
+        # consumer -> (Redis key, socket id): logged-in sockets counted against their user's cap
+        self.counted: dict[Any, tuple[str, str]] = {}
+        self.count_logged = 0.0
 
     def add(
         self,
@@ -110,6 +156,7 @@ class Upkeep:
                 await asyncio.sleep(settings.WS_SESSION_RECHECK_SECONDS)
                 await self.recheck_sessions()
                 await self.rejoin_groups()
+                await self.vouch_for_sockets()
         finally:
             self.task = None
 
@@ -123,13 +170,15 @@ class Upkeep:
             if event.get("type") == "session.end":
                 await self.end_sessions(event)
 
-    async def join_events(self, layer):
+    async def join_events(self, layer) -> bool:
         try:
             await layer.group_add(SESSION_EVENTS, self.channel)
-            self.listening.set()
         except LAYER_ERRORS as exc:
             # Sockets still end at the next re-check; upkeep joins again once Redis is back.
             logger.warning("channel layer unreachable, session events not joined: %r", exc)
+            return False
+        self.listening.set()
+        return True
 
     async def end_sessions(self, event: dict) -> None:
         # Remembered first: a handshake registering while the loop below runs sees it.
@@ -171,11 +220,69 @@ class Upkeep:
         layer = get_channel_layer()
         due = time.monotonic() - self.rejoined > GROUP_REFRESH_SECONDS
         if getattr(layer, "last_outage", 0) > self.rejoined or due:
-            self.rejoined = time.monotonic()
-            if self.channel is not None:
-                await self.join_events(layer)
+            started = time.monotonic()
+            joined = self.channel is None or await self.join_events(layer)
             for consumer in list(self.consumers):
-                await consumer.join(*consumer.groups)
+                joined = await consumer.join(*consumer.groups) and joined
+            # Counted as done only when every join went through: a Redis that came back on
+            # a stale connection, or timed out, gets another try at the next interval.
+            if joined:
+                self.rejoined = started
+
+    async def admit(self, consumer: Any, user_pk: Any) -> bool:
+        """
+        Count a logged-in socket against its user's WS_MAX_SOCKETS_PER_USER, on every
+        process; False if the user already holds that many. Redis unreachable: True.
+        """
+        cap = settings.WS_MAX_SOCKETS_PER_USER
+        if cap <= 0:
+            return True
+        key, socket_id = USER_SOCKETS_KEY.format(user_pk), uuid.uuid4().hex
+        try:
+            script = async_client().eval(ADMIT_SCRIPT, 1, key, socket_id, cap, counted_seconds())
+            admitted = bool(await script)
+        except LAYER_ERRORS as exc:
+            self.log_count_failure("not counted", exc)
+            admitted = True  # fail open; the next re-check counts it
+        if admitted:
+            self.counted[consumer] = (key, socket_id)
+            if consumer.closed:  # gone while Redis answered: it left without us
+                await self.uncount(consumer)
+        return admitted
+
+    async def uncount(self, consumer: Any) -> None:
+        """Take a socket out of its user's count; never raises."""
+        entry = self.counted.pop(consumer, None)
+        if entry is None:
+            return
+        try:
+            await asyncio.wait_for(async_client().zrem(*entry), UNCOUNT_TIMEOUT)
+        except (*LAYER_ERRORS, TimeoutError) as exc:
+            # It stops counting counted_seconds() after its last vouching.
+            self.log_count_failure("not uncounted", exc)
+
+    async def vouch_for_sockets(self) -> None:
+        """Refresh every counted socket's score, re-adding those Redis lost or never had."""
+        entries = list(self.counted.items())
+        try:
+            for start in range(0, len(entries), COUNT_CHUNK):
+                chunk = [entry for _, entry in entries[start : start + COUNT_CHUNK]]
+                keys, ids = [key for key, _ in chunk], [socket_id for _, socket_id in chunk]
+                await async_client().eval(VOUCH_SCRIPT, len(keys), *keys, *ids, counted_seconds())
+        except LAYER_ERRORS as exc:
+            self.log_count_failure("not vouched for", exc)
+            return
+        # A socket that left while the script ran may be back in its set: out again.
+        gone = [(key, socket_id) for consumer, (key, socket_id) in entries
+                if consumer not in self.counted]  # fmt: skip
+        for key, socket_id in gone:
+            with contextlib.suppress(*LAYER_ERRORS):
+                await async_client().zrem(key, socket_id)
+
+    def log_count_failure(self, what: str, exc: BaseException) -> None:
+        if time.monotonic() - self.count_logged > LOG_EVERY_SECONDS:
+            self.count_logged = time.monotonic()
+            logger.warning("Redis unreachable, user socket count %s: %r", what, exc)
 
 
 _upkeeps: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Upkeep] = weakref.WeakKeyDictionary()

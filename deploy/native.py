@@ -22,7 +22,7 @@ from pathlib import Path
 
 from django.template import Context, Engine
 
-from shared_settings.topology import ROOT, TOPOLOGY
+from shared_settings.topology import LIMITS, ROOT, TOPOLOGY
 
 READY_TIMEOUT = 60
 VENV_BIN = Path(sys.executable).parent
@@ -104,6 +104,7 @@ def render(template, topology):
     """Render one of the runtime's config templates for this topology."""
     context = {
         "topology": topology,
+        "limits": LIMITS,
         "root": ROOT,
         "state": topology.state_dir,
         "log": topology.state_dir / "log",

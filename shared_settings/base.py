@@ -22,8 +22,9 @@ if not SECRET_KEY:
 SECRET_KEY_FALLBACKS = env.list("SECRET_KEY_FALLBACKS", default=[])
 DEBUG = env.bool("DJANGO_DEBUG", default=False)
 
-# localhost is for health checks made from beside the server, not through nginx.
-ALLOWED_HOSTS = [TOPOLOGY.app_host, TOPOLOGY.realtime_host, "localhost", "127.0.0.1"]
+# Each half answers only its own host (its settings set ALLOWED_HOSTS), and these, for
+# health checks made from beside the server rather than through nginx.
+LOCAL_HOSTS = ["localhost", "127.0.0.1"]
 
 DATABASES = {
     "default": env.db("DATABASE_URL", default=f"sqlite:///{TOPOLOGY.state_dir / 'db.sqlite3'}")
@@ -74,7 +75,9 @@ CHANNEL_LAYERS = {
 # The WebSocket side of the topology.
 WS_ALLOWED_ORIGINS = TOPOLOGY.allowed_origins
 WS_ALLOW_MISSING_ORIGIN = env.bool("WS_ALLOW_MISSING_ORIGIN", default=False)
-WS_SESSION_KEY_FALLBACK = env.bool("WS_SESSION_KEY_FALLBACK", default=True)
+# The session key in a socket's URL or subprotocol is for a socket the cookie cannot reach:
+# on by default cross-domain, off by default same-domain, where the cookie always arrives.
+WS_SESSION_KEY_FALLBACK = env.bool("WS_SESSION_KEY_FALLBACK", default=TOPOLOGY.cross_domain)
 WS_SESSION_KEY_PARAM = env.str("WS_SESSION_KEY_PARAM", default="session_key")
 # Seconds a ticket from POST /ws-ticket/ stays redeemable (once).
 WS_TICKET_TTL = env.int("WS_TICKET_TTL", default=30)
@@ -83,6 +86,10 @@ WS_SESSION_RECHECK_SECONDS = env.float("WS_SESSION_RECHECK_SECONDS", default=60)
 # Messages a socket may send per second, and in one burst, before it is closed with 4429.
 WS_MESSAGE_RATE = env.float("WS_MESSAGE_RATE", default=10)
 WS_MESSAGE_BURST = env.int("WS_MESSAGE_BURST", default=20)
+# Sockets one user may hold open at once, across every Daphne process (counted in Redis);
+# one more is accepted and closed with 4409. 0 counts nothing. Anonymous sockets are capped
+# per client address by nginx instead (LIMIT_SOCKET_CONNECTIONS, shared_settings.topology).
+WS_MAX_SOCKETS_PER_USER = env.int("WS_MAX_SOCKETS_PER_USER", default=50)
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},

@@ -9,6 +9,7 @@ reads the environment once and needs nothing of Django's settings.
 """
 
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,8 +97,9 @@ class Topology:
 
     @property
     def allowed_origins(self):
-        """Origins whose pages may open a socket: the app, and the realtime host itself."""
-        return sorted({self.app_origin, self.realtime_origin})
+        """Origins whose pages may open a socket: the app's alone. The realtime host serves
+        no pages, so no page of its origin has a reason to open one."""
+        return [self.app_origin]
 
     @property
     def socket_base(self):
@@ -129,7 +131,60 @@ class Topology:
         }
 
 
+# An nginx rate: requests per second or per minute, e.g. "10r/m".
+NGINX_RATE = re.compile(r"[1-9][0-9]*r/[sm]")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """
+    What one client address may do, enforced by nginx (the native template renders these):
+    a rate and a burst for login POSTs, /announce/, /ws-ticket/ and socket handshakes, and
+    a cap on the sockets it holds open at once. Past any of them nginx answers 429, JSON.
+    """
+
+    login_rate: str
+    login_burst: int
+    announce_rate: str
+    announce_burst: int
+    ticket_rate: str
+    ticket_burst: int
+    socket_rate: str
+    socket_burst: int
+    socket_connections: int
+
+    @classmethod
+    def from_env(cls, environment=None):
+        env = environ.Env()
+        env.ENVIRON = os.environ if environment is None else environment
+
+        def rate(name, default):
+            value = env.str(name, default=default)
+            if not NGINX_RATE.fullmatch(value):
+                raise ImproperlyConfigured(f"{name}={value!r} is not a rate like 10r/s or 10r/m.")
+            return value
+
+        def count(name, default, least=0):
+            value = env.int(name, default=default)
+            if value < least:
+                raise ImproperlyConfigured(f"{name}={value} must be {least} or more.")
+            return value
+
+        return cls(
+            login_rate=rate("LIMIT_LOGIN_RATE", "10r/m"),
+            login_burst=count("LIMIT_LOGIN_BURST", 20),
+            announce_rate=rate("LIMIT_ANNOUNCE_RATE", "2r/s"),
+            announce_burst=count("LIMIT_ANNOUNCE_BURST", 20),
+            ticket_rate=rate("LIMIT_TICKET_RATE", "5r/s"),
+            ticket_burst=count("LIMIT_TICKET_BURST", 30),
+            socket_rate=rate("LIMIT_SOCKET_RATE", "20r/s"),
+            socket_burst=count("LIMIT_SOCKET_BURST", 200),
+            socket_connections=count("LIMIT_SOCKET_CONNECTIONS", 200, least=1),
+        )
+
+
 TOPOLOGY = Topology.from_env()
+LIMITS = Limits.from_env()
 
 if __name__ == "__main__":
     sys.stdout.writelines(f"{k}={v}\n" for k, v in TOPOLOGY.as_env().items())

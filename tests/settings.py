@@ -10,7 +10,7 @@ os.environ.setdefault("STATE_DIR", tempfile.mkdtemp(prefix="split-unit-"))
 os.environ.setdefault("SPLIT_MODE", "cross-domain")
 
 from wsgi_site.settings import *  # noqa: F403
-from wsgi_site.settings import INSTALLED_APPS
+from wsgi_site.settings import ALLOWED_HOSTS, INSTALLED_APPS
 
 INSTALLED_APPS = [*INSTALLED_APPS, "channels"]
 CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
@@ -27,4 +27,6 @@ UNIT_REDIS_PORT = free_port()
 REDIS_URL = f"redis://127.0.0.1:{UNIT_REDIS_PORT}/0"
 STATIC_ROOT = os.path.join(os.environ["STATE_DIR"], "static")
 os.makedirs(STATIC_ROOT, exist_ok=True)
+# One process plays both halves here, so it answers both hosts.
+ALLOWED_HOSTS = [*ALLOWED_HOSTS, "realtime.localhost"]
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]  # fast, tests only

@@ -8,8 +8,15 @@ from asgi_site.asgi import application
 APP_ORIGIN = b"http://app.localhost:8000"
 
 
-def communicator(query="", cookie=None, origin=APP_ORIGIN, path="/ws/whoami/", subprotocols=()):
-    headers = [(b"host", b"realtime.localhost:8000")]
+def communicator(
+    query="",
+    cookie=None,
+    origin=APP_ORIGIN,
+    path="/ws/whoami/",
+    subprotocols=(),
+    host=b"realtime.localhost:8000",
+):
+    headers = [(b"host", host)]
     if origin is not None:
         headers.append((b"origin", origin))
     if cookie is not None:

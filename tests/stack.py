@@ -32,6 +32,21 @@ DEMO_USER, DEMO_PASSWORD = "demo", "demo-pass"
 # A stack's ports, from its base: nginx +0, Gunicorn +1, Daphne +10.., Redis +20.
 PORT_SPAN = 21
 T = TypeVar("T")
+# Tests and benchmarks drive hundreds of sockets, logins and posts from one address, as no
+# real client does, so their stacks raise the per-address and per-user limits; the tests of
+# the limits themselves pass limits={} (the defaults) or their own.
+LOAD = {
+    "LIMIT_LOGIN_RATE": "100r/s",
+    "LIMIT_LOGIN_BURST": 1000,
+    "LIMIT_ANNOUNCE_RATE": "1000r/s",
+    "LIMIT_ANNOUNCE_BURST": 10000,
+    "LIMIT_TICKET_RATE": "1000r/s",
+    "LIMIT_TICKET_BURST": 20000,
+    "LIMIT_SOCKET_RATE": "1000r/s",
+    "LIMIT_SOCKET_BURST": 20000,
+    "LIMIT_SOCKET_CONNECTIONS": 20000,
+    "WS_MAX_SOCKETS_PER_USER": 20000,
+}
 # A credential's name followed by a value, in a query string or as a subprotocol, plain or
 # %-encoded: no log may hold one, whatever the value (a key or ticket never recorded too).
 LOGGED_CREDENTIAL = re.compile(r"(?:session_key|ticket)(?:=|%3d|\.)(?!\s)[^\s\"'&]", re.IGNORECASE)
@@ -93,7 +108,7 @@ def free_base_port() -> int:
 class Stack:
     """A running split deployment; `with Stack(...) as stack:` starts it and stops it."""
 
-    def __init__(self, mode, state_dir, *, port=None, asgi_processes=2, env=None):
+    def __init__(self, mode, state_dir, *, port=None, asgi_processes=2, env=None, limits=LOAD):
         base_port = port or free_base_port()
         self.mode = mode
         self.state_dir = Path(state_dir)
@@ -114,6 +129,7 @@ class Stack:
             STATE_DIR=str(self.state_dir),
         )
         self.env.pop("SECRET_KEY", None)  # the runtime makes its own under STATE_DIR...
+        self.env.update({k: str(v) for k, v in limits.items()})
         self.env.update({k: str(v) for k, v in (env or {}).items()})  # ...unless a test gives one
         self.process = None
         self.output = []
@@ -256,9 +272,10 @@ class Stack:
 
     def manage(self, *args, **env):
         """Run wsgi_site/manage.py against this stack's database."""
-        secret = (self.state_dir / "secret-key").read_text().strip()
+        # The runtime writes STATE_DIR/secret-key only when the stack was given no SECRET_KEY.
+        secret = self.env.get("SECRET_KEY") or (self.state_dir / "secret-key").read_text().strip()
         environment = {k: v for k, v in self.env.items() if k != "DJANGO_SETTINGS_MODULE"}
-        environment.update(SECRET_KEY=self.env.get("SECRET_KEY", secret), **env)
+        environment.update(SECRET_KEY=secret, **env)
         return subprocess.run(
             [sys.executable, str(ROOT / "wsgi_site" / "manage.py"), *args],
             env=environment,

@@ -11,11 +11,12 @@ import re
 import subprocess
 
 import pytest
+import requests
 import yaml
 
 from deploy import envfiles, native
 from shared_settings.topology import Topology
-from tests.stack import ROOT, wait_until
+from tests.stack import ROOT, free_base_port, wait_until
 
 MODES = ["same-domain", "cross-domain"]
 TOPOLOGY_FIELDS = [
@@ -251,3 +252,161 @@ def test_proxy_log_format_in_real_nginx_keeps_the_session_key_out(cross_stack, t
     log = (tmp_path / "access.log").read_text()
     assert '"GET /ws/whoami/ HTTP/1.1" 101' in log
     assert key not in log and "session_key" not in log
+
+
+QUIET_ERROR_LOG = ROOT / "nginx" / "server-error-log.conf"
+
+
+@pytest.mark.parametrize("mode", [*MODES, "tls"])
+def test_every_virtual_host_includes_the_quiet_error_log(mode):
+    """
+    nginx-proxy includes vhost.d/<VIRTUAL_HOST> in that host's server block, else
+    vhost.d/default: the quiet error log is mounted as the default, and no host has a file of
+    its own that would take its place. No conf.d file sets an error log (at http level it
+    would only add to the template's own).
+    """
+    services = rendered("cross-domain", tls=True)["services"] if mode == "tls" else None
+    services = services or rendered(mode)["services"]
+    mounts = bind_mounts(services["nginx-proxy"])
+    assert mounts["/etc/nginx/vhost.d/default"] == str(QUIET_ERROR_LOG)
+    hosts = {services[name]["environment"]["VIRTUAL_HOST"] for name in ("wsgi", "asgi")}
+    assert not [host for host in hosts if f"/etc/nginx/vhost.d/{host}" in mounts]
+    assert not [target for target in mounts if target.startswith("/etc/nginx/conf.d/")]
+    directives = [
+        line.strip()
+        for line in QUIET_ERROR_LOG.read_text().splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+    assert directives == ["error_log /dev/stderr crit;"]
+
+
+# nginx-proxy's structure: the image's nginx.conf sets the main error log (error.log, a link
+# to stderr, at notice level) and includes conf.d/*.conf at http level, where the template
+# renders default.conf: its own http-level error_log, a fallback server for unknown hosts,
+# and one server per VIRTUAL_HOST that includes vhost.d/<host>, else vhost.d/default.
+PROXY_MIMIC = """
+pid {dir}/nginx.pid;
+error_log /dev/stderr notice;
+events {{ }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/tmp;
+    proxy_temp_path {dir}/tmp;
+    {template_error_log}
+    include {etc}/conf.d/*.conf;
+    server {{
+        server_name _;
+        listen 127.0.0.1:{port};
+        return 503;
+    }}
+{servers}}}
+"""
+PROXY_MIMIC_SERVER = """
+    server {{
+        server_name {host};
+        listen 127.0.0.1:{port};
+        {include}
+        location / {{
+            proxy_pass http://127.0.0.1:{upstream};
+        }}
+    }}
+"""
+# What was mounted before: an http-level file in conf.d.
+OLD_MOUNTS = {"/etc/nginx/conf.d/proxy-error-log.conf": "error_log /dev/stderr crit;\n"}
+
+
+def run_proxy_mimic(tmp_path, files, hosts, template_error_log):
+    """
+    Lay out `files` ({target: text}) under tmp_path as they sit in the container, run a real
+    nginx with nginx-proxy's structure before a closed port, and send every host, and an
+    unknown one, a request whose URL holds a session key. Return (statuses, what nginx wrote
+    to stderr, the session key).
+    """
+    etc = tmp_path / "etc" / "nginx"
+    (etc / "conf.d").mkdir(parents=True)
+    (tmp_path / "tmp").mkdir()
+    for target, text in files.items():
+        path = tmp_path / target.lstrip("/")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+    def server_include(host):
+        for name in (host, "default"):
+            if (etc / "vhost.d" / name).exists():
+                return f"include {etc / 'vhost.d' / name};"
+        return ""
+
+    base = free_base_port()
+    port, closed = base, base + 1
+    servers = "".join(
+        PROXY_MIMIC_SERVER.format(
+            host=host, port=port, include=server_include(host), upstream=closed
+        )
+        for host in sorted(hosts)
+    )
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(
+        PROXY_MIMIC.format(
+            dir=tmp_path,
+            etc=etc,
+            port=port,
+            servers=servers,
+            template_error_log="error_log /dev/stderr;" if template_error_log else "",
+        )
+    )
+    command = ["nginx", "-p", str(tmp_path), "-c", str(conf), "-e", "/dev/stderr"]
+    checked = subprocess.run([*command, "-t"], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stderr
+    key = "s3cr3tk3y" + os.urandom(8).hex()
+    stderr_path = tmp_path / "stderr.log"
+    with stderr_path.open("ab") as stderr:
+        nginx = subprocess.Popen([*command, "-g", "daemon off;"], stderr=stderr)
+    try:
+        # nginx -t leaves an empty pid file: wait for the running nginx to fill it.
+        pid = tmp_path / "nginx.pid"
+        wait_until(lambda: pid.exists() and pid.read_text().strip(), 10, "nginx did not start")
+        statuses = {}
+        for host in [*sorted(hosts), "unknown.example"]:
+            url = f"http://127.0.0.1:{port}/ws/live/?session_key={key}"
+            statuses[host] = requests.get(url, headers={"Host": host}, timeout=10).status_code
+    finally:
+        nginx.terminate()
+        nginx.wait(10)
+    return statuses, stderr_path.read_text(), key
+
+
+def proxy_files(services):
+    """The nginx-proxy bind mounts under /etc/nginx/, as {target: text}."""
+    mounts = bind_mounts(services["nginx-proxy"])
+    return {t: open(s).read() for t, s in mounts.items() if t.startswith("/etc/nginx/")}
+
+
+@pytest.mark.parametrize("template_error_log", [True, False], ids=["template-log", "main-log"])
+@pytest.mark.parametrize("mode", MODES)
+def test_proxy_error_log_in_real_nginx_keeps_the_session_key_out(
+    mode, template_error_log, tmp_path
+):
+    """
+    The rendered compose mounts, in a real nginx laid out as nginx-proxy: an upstream that
+    refuses (Daphne restarting) on every host leaves no session key in the error log, whether
+    the inherited error log is the template's http-level one or only the main one.
+    """
+    services = rendered(mode)["services"]
+    hosts = {services[name]["environment"]["VIRTUAL_HOST"] for name in ("wsgi", "asgi")}
+    statuses, stderr, key = run_proxy_mimic(
+        tmp_path, proxy_files(services), hosts, template_error_log
+    )
+    assert statuses == {**{host: 502 for host in hosts}, "unknown.example": 503}
+    assert key not in stderr and "session_key" not in stderr
+
+
+def test_proxy_mimic_sees_the_key_with_the_old_conf_d_file(tmp_path):
+    """
+    The control: the old mount, an http-level error_log in conf.d, only adds to the
+    template's, so the upstream error prints with the request line, key and all.
+    """
+    statuses, stderr, key = run_proxy_mimic(
+        tmp_path, OLD_MOUNTS, {"app.localhost", "realtime.localhost"}, template_error_log=True
+    )
+    assert statuses["realtime.localhost"] == 502
+    assert f"GET /ws/live/?session_key={key}" in stderr

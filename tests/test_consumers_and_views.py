@@ -12,7 +12,7 @@ from django.test import Client
 from asgi_site.asgi import application
 
 pytestmark = pytest.mark.django_db
-HEADERS = [(b"origin", b"http://app.localhost:8000")]
+HEADERS = [(b"host", b"realtime.localhost:8000"), (b"origin", b"http://app.localhost:8000")]
 
 
 def live_exchange(cookie, *frames):

@@ -15,6 +15,8 @@ import pytest
 import redis
 import websockets
 
+from contract import tickets
+from tests import raw
 from tests.stack import Stack, wait_until
 
 GROUP_KEY = "asgi:group:live"  # channels-redis: f"{prefix}:group:{name}"
@@ -243,3 +245,48 @@ def test_an_idle_healthy_redis_is_not_an_outage(events_only):
     assert warnings == 0
     assert codes == [4401, 4401]
     assert took < 1.0
+
+
+def test_redis_holds_no_reusable_credential_behind_a_ticket(stack):
+    """GET ws-ticket:<sha256> gives neither the session key nor the ticket."""
+    session, key = stack.login()
+    ticket = stack.ticket(session, path="/ws/live/")
+    stored = redis.Redis(port=stack.redis_port).get(tickets.redis_key(ticket))
+    assert stored is not None
+    assert key.encode() not in stored and ticket.encode() not in stored
+
+
+def test_a_ticket_opens_only_the_path_it_was_minted_for(stack):
+    session, _ = stack.login()
+    live_ticket = stack.ticket(session, path="/ws/live/")
+    assert stack.whoami(query=f"ticket={live_ticket}")["authenticated"] is False
+    assert stack.whoami(query=f"ticket={stack.ticket(session)}")["user"] == "demo"
+
+
+@pytest.mark.parametrize(
+    "origin",
+    ["{realtime}", "{app}#", "{app}?", "{app}/"],
+    ids=["the realtime origin", "empty fragment", "empty query", "a path"],
+)
+def test_only_the_app_origin_opens_sockets(stack, origin):
+    origin = origin.format(app=stack.app_origin, realtime=stack.realtime_origin)
+    assert stack.whoami(origin=origin) == 403
+    assert stack.whoami(origin=stack.app_origin)["type"] == "whoami"
+
+
+def test_each_half_answers_only_its_own_host(stack):
+    """Gunicorn serves no page for the realtime host; Daphne answers no other host."""
+    app, realtime = stack.app_host, stack.realtime_host
+    # An absolute-form request line picks nginx's app server; the Host header names the other.
+    target = f"http://{app}:{stack.public_port}/accounts/login/"
+    answer = raw.request(stack.public_port, target, [("Host", f"{realtime}:{stack.public_port}")])
+    assert answer.status == 400
+    assert raw.request(stack.public_port, "/accounts/login/", [("Host", app)]).status == 200
+    daphne = stack.daphne_ports[0]
+    assert raw.request(daphne, "/healthz", [("Host", "evil.test")]).status == 400
+    assert raw.request(daphne, "/healthz", [("Host", realtime)]).status == 200
+    assert raw.request(daphne, "/healthz", [("Host", f"127.0.0.1:{daphne}")]).status == 200
+    handshake = raw.handshake_headers("evil.test", stack.app_origin)
+    assert raw.request(daphne, "/ws/whoami/", handshake).status == 403
+    handshake = raw.handshake_headers(f"{realtime}:{daphne}", stack.app_origin)
+    assert raw.request(daphne, "/ws/whoami/", handshake).status == 101

@@ -169,8 +169,20 @@ def test_missing_origin_can_be_allowed(settings):
     assert whoami(origin=None)["type"] == "whoami"
 
 
-def test_realtime_origin_is_allowed():
-    assert whoami(origin=b"http://realtime.localhost:8000")["type"] == "whoami"
+def test_realtime_origin_is_refused():
+    """Cross-domain, only the app origin opens sockets: the realtime host serves no pages."""
+    assert whoami(origin=b"http://realtime.localhost:8000") is None
+    assert whoami(origin=b"http://app.localhost:8000")["type"] == "whoami"
+
+
+@pytest.mark.parametrize("origin", [b"http://app.localhost:8000#", b"http://app.localhost:8000?"])
+def test_origin_with_an_empty_fragment_or_query_is_refused(origin):
+    assert whoami(origin=origin) is None
+
+
+@pytest.mark.parametrize("host", [b"evil.test", b"app.localhost.evil.test:8000", b""])
+def test_a_handshake_for_another_host_is_refused(host):
+    assert whoami(host=host) is None
 
 
 def test_unknown_path_is_refused():

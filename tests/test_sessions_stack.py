@@ -10,13 +10,12 @@ import hashlib
 import json
 import re
 import subprocess
-import sys
 import time
 
 import pytest
 import requests
 
-from tests.stack import ROOT, Stack, wait_until
+from tests.stack import Stack, wait_until
 
 CLOSE_WAIT = 5  # seconds a test waits for a close; what it asserts is stated per test
 RECHECKED = re.compile(r"INFO asgi_site\.upkeep: re-checked (\d+) sessions")
@@ -329,24 +328,9 @@ def test_stale_cookie_does_not_hide_a_valid_ticket(cross_stack):
     assert (frame["user"], frame["auth"]) == ("demo", "session_key")
 
 
-def manage(stack, *args, **env):
-    """
-    wsgi_site/manage.py on the stack's database, with the stack's own environment:
-    Stack.manage reads STATE_DIR/secret-key, which a stack given SECRET_KEY never writes.
-    """
-    if "SECRET_KEY" not in stack.env:
-        return stack.manage(*args, **env)
-    environment = {k: v for k, v in stack.env.items() if k != "DJANGO_SETTINGS_MODULE"}
-    command = [sys.executable, str(ROOT / "wsgi_site" / "manage.py"), *args]
-    return subprocess.run(
-        command, env={**environment, **env}, capture_output=True, text=True, check=True
-    ).stdout
-
-
 def session_row(stack, key):
     """The session's row as stored (data and expiry), or "[]" when there is none."""
-    return manage(
-        stack,
+    return stack.manage(
         "shell",
         "-c",
         "import os; from django.contrib.sessions.models import Session; "
@@ -398,8 +382,7 @@ def test_secret_key_rotation_with_fallbacks_keeps_the_socket_user(tmp_path):
     try:
         assert session_row(stack, key) == row
         # Only the fallback auth hash can know this session: the current key's does not match.
-        hashes = manage(
-            stack,
+        hashes = stack.manage(
             "shell",
             "-c",
             "import os; from django.contrib.sessions.backends.db import SessionStore; "

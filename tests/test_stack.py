@@ -29,6 +29,32 @@ def test_same_domain_without_cookie_is_anonymous(same_stack):
     assert same_stack.whoami()["authenticated"] is False
 
 
+def same_domain_session_key_sockets(stack, key):
+    """whoami with a valid session key and no cookie: in the URL, then as a subprotocol."""
+    return [
+        stack.whoami(query=f"session_key={key}"),
+        stack.whoami(subprotocols=["realtime", f"session_key.{key}"]),
+    ]
+
+
+def test_same_domain_session_key_is_off_by_default(same_stack):
+    """Same-domain the cookie always arrives: a session key alone authenticates nobody."""
+    session, key = same_stack.login()
+    anonymous = {"type": "whoami", "user": None, "authenticated": False, "auth": "none"}
+    assert same_domain_session_key_sockets(same_stack, key) == [anonymous, anonymous]
+    assert same_stack.whoami(cookie=f"sessionid={key}")["auth"] == "cookie"
+
+
+def test_same_domain_session_key_can_be_switched_on(tmp_path):
+    """WS_SESSION_KEY_FALLBACK=true on a same-domain stack: the key is known again."""
+    env = {"WS_SESSION_KEY_FALLBACK": "true"}
+    with Stack("same-domain", tmp_path, asgi_processes=1, env=env) as stack:
+        session, key = stack.login()
+        frames = same_domain_session_key_sockets(stack, key)
+        assert [(f["user"], f["auth"]) for f in frames] == [("demo", "session_key")] * 2
+    stack.assert_no_secrets_logged()
+
+
 def test_cross_domain_without_cookie_or_key_is_anonymous(cross_stack):
     cross_stack.login()  # logged in on APP_HOST; the browser keeps that cookie there
     assert cross_stack.whoami() == {

@@ -139,6 +139,29 @@ def test_redis_holds_the_tickets_hash_not_the_ticket(alice, redis_server):
     assert all(ticket.encode() not in (redis_server.get(k) or b"") for k in keys)
 
 
+def test_redis_holds_no_credential_behind_a_ticket(alice, redis_server):
+    """
+    README: "Redis holds no credential": what a reader of Redis finds behind a ticket is
+    neither the session key nor anything that opens a socket without the ticket itself.
+    """
+    ticket = mint(alice, path="/ws/live/")["ticket"]
+    stored = redis_server.get(tickets.redis_key(ticket))
+    key = alice.session.session_key
+    assert stored and key.encode() not in stored and ticket.encode() not in stored
+    # Redis' view alone (the entry's name and value) is not a ticket, nor does it open one.
+    assert whoami(query=f"session_key={stored.hex()[:32]}")["authenticated"] is False
+    assert tickets.unseal(ticket, "/ws/live/", stored) == key  # only the ticket unseals it
+
+
+def test_a_ticket_opens_only_the_path_it_was_minted_for(alice, redis_server):
+    """A ticket minted for /ws/live/ opens nothing else, and is used up by the attempt."""
+    ticket = mint(alice, path="/ws/live/")["ticket"]
+    assert whoami(query=f"ticket={ticket}")["authenticated"] is False  # /ws/whoami/
+    assert redis_server.exists(tickets.redis_key(ticket)) == 0
+    right = mint(alice, path="/ws/whoami/")["ticket"]
+    assert whoami(query=f"ticket={right}")["user"] == "alice"
+
+
 def test_concurrent_redemptions_of_one_ticket_open_one_socket(alice, redis_server):
     """
     README: tickets are "redeemed atomically with `GETDEL`": 20 handshakes offering the same
@@ -166,14 +189,14 @@ def test_concurrent_redeem_hands_out_the_session_key_once(redis_server):
     """
 
     async def race(redeem):
-        ticket = tickets.mint("s" * 32)
-        return await asyncio.gather(*(redeem(ticket) for _ in range(20)))
+        ticket = tickets.mint("s" * 32, "/ws/live/")
+        return await asyncio.gather(*(redeem(ticket, "/ws/live/") for _ in range(20)))
 
-    async def get_then_del(ticket):
+    async def get_then_del(ticket, path):
         client = tickets.async_client()
         value = await client.get(tickets.redis_key(ticket))
         await client.delete(tickets.redis_key(ticket))
-        return value and value.decode()
+        return value and tickets.unseal(ticket, path, value)
 
     winners = async_to_sync(race)(tickets.redeem)
     assert winners.count("s" * 32) == 1 and winners.count(None) == 19
@@ -199,7 +222,9 @@ def test_ticket_refusals_are_logged_without_the_ticket(alice, caplog):
     with caplog.at_level("INFO", logger="asgi_site"):
         whoami(query=f"ticket={ticket}")
         whoami(query=f"ticket={ticket}")
-    assert "ticket refused: unknown, expired or already used" in caplog.text
+    assert (
+        "ticket refused: unknown, expired, already used, or minted for another path" in caplog.text
+    )
     assert ticket not in caplog.text
 
 

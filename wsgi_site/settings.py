@@ -1,8 +1,16 @@
 """Settings for the WSGI half: Gunicorn serving every page."""
 
 from shared_settings.base import *  # noqa: F403
-from shared_settings.base import AUTH_PASSWORD_VALIDATORS, INSTALLED_APPS, TOPOLOGY, env
+from shared_settings.base import (
+    AUTH_PASSWORD_VALIDATORS,
+    INSTALLED_APPS,
+    LOCAL_HOSTS,
+    TOPOLOGY,
+    env,
+)
 
+# Pages only on APP_HOST: a request that names the realtime host is refused (400).
+ALLOWED_HOSTS = [TOPOLOGY.app_host, *LOCAL_HOSTS]
 INSTALLED_APPS = [*INSTALLED_APPS, "django.contrib.staticfiles", "wsgi_site.apps.WsgiSiteConfig"]
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",

@@ -133,7 +133,7 @@ def ws_ticket(request: HttpRequest) -> JsonResponse:
         choices = ", ".join(paths.SOCKET_PATHS)
         return JsonResponse({"error": f"path must be one of {choices}"}, status=400)
     try:
-        ticket = tickets.mint(request.session.session_key)
+        ticket = tickets.mint(request.session.session_key, path)
     except LAYER_ERRORS as exc:
         logger.warning("ticket not minted, Redis unreachable: %r", exc)
         return unavailable()
