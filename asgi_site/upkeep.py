@@ -53,6 +53,8 @@ ENDED_MEMORY_SECONDS = 60
 SLOWEST_HANDSHAKE_SECONDS = 30
 # How long a handshake waits for its process to start hearing session.end events.
 LISTEN_WAIT_SECONDS = 2
+# After (re)joining the events, when the sockets opened before are re-checked once.
+CATCH_UP_SECONDS = 0.5
 IN_CLAUSE = 500  # session keys per query, well under every database's parameter limit
 # The per-user socket count: a sorted set per user, of socket ids scored with Redis' clock.
 USER_SOCKETS_KEY = "ws-user-sockets:{}"
@@ -103,6 +105,8 @@ class Upkeep:
         self.listener: asyncio.Task | None = None
         self.channel: str | None = None
         self.listening = asyncio.Event()  # set once this process hears session.end events
+        self.catch_up: asyncio.Task | None = None
+        self.joined_at = float("inf")  # when this process last began hearing session.end
         self.rejoined = time.monotonic()
         # consumer -> (Redis key, socket id): logged-in sockets counted against their user's cap
         self.counted: dict[Any, tuple[str, str]] = {}
@@ -126,6 +130,8 @@ class Upkeep:
         if session_key is not None:
             self.sessions[consumer] = (session_key, user_pk)
             self.hashes[consumer] = session_hash(session_key)
+            if authenticated_at <= self.joined_at:
+                self.catch_up_soon()
         return True
 
     def ended_since(self, session_key: str, user_pk: Any, authenticated_at: float) -> bool:
@@ -177,8 +183,25 @@ class Upkeep:
             # Sockets still end at the next re-check; upkeep joins again once Redis is back.
             logger.warning("channel layer unreachable, session events not joined: %r", exc)
             return False
+        self.joined_at = time.monotonic()
         self.listening.set()
+        if self.sessions:
+            self.catch_up_soon()
         return True
+
+    def catch_up_soon(self) -> None:
+        """
+        A logout sent before this process (re)joined the events was heard by nobody here:
+        re-check, once, the sockets whose session was read before that, as soon as Django
+        has deleted the session (it does right after sending the event).
+        """
+        if self.catch_up is None or self.catch_up.done():
+            self.catch_up = asyncio.create_task(self.recheck_after_join())
+
+    async def recheck_after_join(self):
+        await self.listening.wait()
+        await asyncio.sleep(CATCH_UP_SECONDS)
+        await self.recheck_sessions()
 
     async def end_sessions(self, event: dict) -> None:
         # Remembered first: a handshake registering while the loop below runs sees it.
