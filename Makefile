@@ -10,7 +10,7 @@ TEST_TOOLS := nginx redis-server chromium docker-compose
 
 COMPOSE := docker compose --env-file deploy/cross-domain.env -f deploy/compose.yaml
 
-.PHONY: help up-same-domain up-cross-domain down test lint format bench soak env-files clean
+.PHONY: help up-same-domain up-cross-domain down reload test lint format bench soak env-files clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -23,6 +23,9 @@ up-cross-domain: $(VENV)/.installed ## Run the stack, sockets on REALTIME_HOST, 
 
 down: ## Stop the compose stack (the native one stops with Ctrl-C)
 	SECRET_KEY=unused POSTGRES_PASSWORD=unused $(COMPOSE) down --remove-orphans
+
+reload: $(VENV)/.installed ## Restart Gunicorn's workers and each Daphne in turn, refusing nothing (native; STATE_DIR)
+	@$(PY) -m deploy.reload
 
 env-files: $(VENV)/.installed ## Rewrite deploy/*.env from shared_settings/topology.py
 	$(PY) -m deploy.envfiles

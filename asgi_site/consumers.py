@@ -2,6 +2,7 @@ import asyncio
 import json
 import logging
 import time
+import urllib.parse
 
 from autobahn.exception import Disconnected
 from channels.db import aclose_old_connections
@@ -9,6 +10,7 @@ from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
 
+from contract import history
 from contract.groups import LIVE_GROUP, clean_text, live_message
 from contract.layers import LAYER_ERRORS, UNAVAILABLE
 
@@ -154,14 +156,82 @@ class LiveConsumer(RealtimeConsumer):
     """
     A live feed: announcements from HTTP and messages from logged-in sockets. A socket
     that sends faster than WS_MESSAGE_RATE (burst WS_MESSAGE_BURST) is closed with 4429.
+
+    Every announcement and message carries the "id" of its entry in the group's history
+    (contract.history). A socket opened with ?since=<id> is first sent what was recorded
+    after that id (a {"type": "gap"} frame first if some of it is no longer kept), then the
+    live messages: each exactly once, in id order. Without since, only live messages.
     """
 
     joins = (LIVE_GROUP,)
+    # The newest history id sent on this socket: a live event at or before it was sent
+    # already (in the replay, or filling a hole), and one whose "prev" is not it follows
+    # events this socket has not seen yet (sent concurrently, still in flight): read them.
+    last_id: history.StreamId | None = None
 
     async def connect(self):
         # A token bucket, per connection: a consumer instance serves exactly one socket.
         self.tokens, self.refilled = settings.WS_MESSAGE_BURST, time.monotonic()
+        since, malformed = self.since()
+        # Joins the group before replaying: group messages sent meanwhile wait in this
+        # channel until connect returns, and are then skipped if the replay had them.
         await super().connect()
+        if self.closed:
+            return
+        if malformed:
+            await self.send_json({"type": "error", "error": malformed})
+        elif since is not None:
+            await self.catch_up(since)
+
+    def since(self) -> tuple[history.StreamId | None, str | None]:
+        """The ?since= id, or None; and the error to send if it is malformed."""
+        query = urllib.parse.parse_qs(self.scope.get("query_string", b"").decode("latin-1"),
+                                      keep_blank_values=True)  # fmt: skip
+        values = query.get("since", [])
+        if not values:
+            return None, None
+        since = history.parse_id(values[0]) if len(values) == 1 else None
+        if since is None:
+            return None, "since must be one message id (digits-digits): sending live messages only"
+        return since, None
+
+    async def catch_up(self, after: history.StreamId, upto: history.StreamId | None = None):
+        """Send what history holds after `after` (up to `upto`), a gap frame first if lost."""
+        try:
+            gap, events = await history.replay(LIVE_GROUP, after, upto)
+        except LAYER_ERRORS as exc:
+            logger.warning("history unreachable, nothing replayed: %r", exc)
+            if upto is None:  # on connect: say so; a live event goes on all the same
+                await self.send_json({"type": "error", "error": UNAVAILABLE})
+                await self.send_json({"type": "gap"})
+            return
+        if gap:
+            await self.send_json({"type": "gap"})
+        elif upto is None:
+            self.last_id = after  # nothing lost: live messages go on from the client's id
+        for event in events:
+            await self.send_event(event)
+
+    async def send_event(self, event):
+        frame = {"type": "message" if event["type"] == "live.message" else event["type"],
+                 "user": event["user"], "text": event["text"]}  # fmt: skip
+        stream_id = history.parse_id(event.get("id"))
+        if stream_id is not None:
+            frame["id"] = event["id"]
+            self.last_id = stream_id
+        await self.send_json(frame)
+
+    async def live_event(self, event):
+        """A group event: send it unless sent already, after any it follows and we lack."""
+        stream_id = history.parse_id(event.get("id"))
+        if stream_id is not None and self.last_id is not None:
+            if stream_id <= self.last_id:
+                return  # in the replay, or read with a hole
+            if history.parse_id(event.get("prev")) != self.last_id:
+                await self.catch_up(self.last_id, stream_id)
+                if self.last_id is not None and stream_id <= self.last_id:
+                    return
+        await self.send_event(event)
 
     async def receive(self, text_data=None, bytes_data=None):
         if not self.take_token():
@@ -198,13 +268,20 @@ class LiveConsumer(RealtimeConsumer):
             text = clean_text(content.get("text") if isinstance(content, dict) else None)
         except ValueError as exc:
             raise ClientError(str(exc)) from None
+        # Recorded first (the event carries its id), then sent; a recorded entry whose send
+        # failed is taken back, as over HTTP.
         try:
-            await self.channel_layer.group_send(LIVE_GROUP, live_message(user.get_username(), text))
+            event = await history.arecord(LIVE_GROUP, live_message(user.get_username(), text))
         except LAYER_ERRORS:
+            raise ClientError(UNAVAILABLE) from None
+        try:
+            await self.channel_layer.group_send(LIVE_GROUP, event)
+        except LAYER_ERRORS:
+            await history.adiscard(LIVE_GROUP, event["id"])
             raise ClientError(UNAVAILABLE) from None
 
     async def live_message(self, event):
-        await self.send_json({"type": "message", "user": event["user"], "text": event["text"]})
+        await self.live_event(event)
 
     async def announcement(self, event):
-        await self.send_json({"type": "announcement", "user": event["user"], "text": event["text"]})
+        await self.live_event(event)

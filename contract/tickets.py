@@ -19,9 +19,12 @@ import weakref
 
 import redis
 import redis.asyncio
+import redis.asyncio.retry
+import redis.retry
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from django.conf import settings
+from redis.backoff import NoBackoff
 
 # secrets.token_urlsafe(32): 256 random bits in 43 URL-safe characters.
 TICKET_RE = re.compile(r"[A-Za-z0-9_-]{43}")
@@ -53,10 +56,16 @@ def unseal(ticket: str, path: str, sealed: bytes) -> str | None:
     return plain.decode()
 
 
+# A pooled connection that Redis closed (it restarted) fails its next command: retry that
+# once, at once, on a new connection, or the first command after every Redis restart fails.
+# A timeout is not retried: an unreachable Redis still answers within TIMEOUT.
 @functools.cache
 def sync_client() -> redis.Redis:
     return redis.Redis.from_url(
-        settings.REDIS_URL, socket_timeout=TIMEOUT, socket_connect_timeout=TIMEOUT
+        settings.REDIS_URL,
+        socket_timeout=TIMEOUT,
+        socket_connect_timeout=TIMEOUT,
+        retry=redis.retry.Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
     )
 
 
@@ -70,7 +79,12 @@ def async_client() -> redis.asyncio.Redis:
     loop = asyncio.get_running_loop()
     if loop not in _async_clients:
         _async_clients[loop] = redis.asyncio.Redis.from_url(
-            settings.REDIS_URL, socket_timeout=TIMEOUT, socket_connect_timeout=TIMEOUT
+            settings.REDIS_URL,
+            socket_timeout=TIMEOUT,
+            socket_connect_timeout=TIMEOUT,
+            retry=redis.asyncio.retry.Retry(
+                NoBackoff(), 1, supported_errors=(redis.ConnectionError,)
+            ),
         )
     return _async_clients[loop]
 

@@ -10,6 +10,7 @@ halves answer through nginx, and stops everything on Ctrl-C or SIGTERM.
 """
 
 import http.client
+import math
 import os
 import secrets
 import shutil
@@ -22,9 +23,12 @@ from pathlib import Path
 
 from django.template import Context, Engine
 
-from shared_settings.topology import LIMITS, ROOT, TOPOLOGY
+from shared_settings.topology import DRAIN_SECONDS, LIMITS, ROOT, TOPOLOGY
 
 READY_TIMEOUT = 60
+# A stopping Daphne process drains for WS_DRAIN_SECONDS, then waits up to 3 s for the last
+# closes (asgi_site/server.py): supervisord waits that long and this margin before SIGKILL.
+STOP_MARGIN = 5
 VENV_BIN = Path(sys.executable).parent
 
 
@@ -109,8 +113,10 @@ def render(template, topology):
         "state": topology.state_dir,
         "log": topology.state_dir / "log",
         "log_format": (ROOT / "nginx" / "access-log-format").read_text().strip(),
-        "common": "autorestart=true\nstartsecs=1\nstopwaitsecs=5\nstopasgroup=true\n"
+        "common": "autorestart=true\nstartsecs=1\nstopasgroup=true\n"
         "killasgroup=true\nredirect_stderr=true",
+        "stopwaitsecs": 5,
+        "asgi_stopwaitsecs": math.ceil(DRAIN_SECONDS) + 3 + STOP_MARGIN,
     }
     engine = Engine(dirs=[str(ROOT)])
     return engine.get_template(template).render(Context(context, autoescape=False, use_l10n=False))

@@ -4,10 +4,13 @@
 # to /dev/null (it is on by default); nginx keeps the access log, without query strings.
 # The endpoint form of --bind/--port, for its backlog: Twisted's default of 50 overflows when
 # hundreds of sockets reconnect at once, and nginx then answers 502.
+# asgi_site.server is daphne's own command line with a Server that closes an oversized message
+# with 1009 and, on SIGTERM, stops listening and closes its sockets with 1012 over
+# WS_DRAIN_SECONDS before it exits (the stop timeouts of supervisord and compose outlast it).
 set -o errexit -o pipefail -o nounset
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD"
-exec daphne \
+exec python -m asgi_site.server \
   --endpoint "tcp:port=${DAPHNE_PORT}:interface=${BIND_ADDRESS}:backlog=1024" \
   --proxy-headers \
   --access-log /dev/null \

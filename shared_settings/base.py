@@ -7,7 +7,7 @@ add only what their half needs.
 import environ
 from django.core.exceptions import ImproperlyConfigured
 
-from .topology import ROOT, TOPOLOGY
+from .topology import DRAIN_SECONDS, ROOT, TOPOLOGY
 
 env = environ.Env()
 
@@ -90,6 +90,17 @@ WS_MESSAGE_BURST = env.int("WS_MESSAGE_BURST", default=20)
 # one more is accepted and closed with 4409. 0 counts nothing. Anonymous sockets are capped
 # per client address by nginx instead (LIMIT_SOCKET_CONNECTIONS, shared_settings.topology).
 WS_MAX_SOCKETS_PER_USER = env.int("WS_MAX_SOCKETS_PER_USER", default=50)
+# Seconds a stopping Daphne process spreads its 1012 closes over (WS_DRAIN_SECONDS; read in
+# shared_settings.topology, which the stop timeouts of supervisord and compose are rendered from).
+WS_DRAIN_SECONDS = DRAIN_SECONDS
+# History per group (contract/history.py): each announcement and live message is kept in a
+# Redis Stream, the last WS_HISTORY_MAX of them (at least) and none older than
+# WS_HISTORY_SECONDS (trimmed as messages are added; 0: no age limit), so a socket that
+# reconnects with ?since=<id> is sent what it missed.
+WS_HISTORY_MAX = env.int("WS_HISTORY_MAX", default=1000)
+WS_HISTORY_SECONDS = env.int("WS_HISTORY_SECONDS", default=3600)
+if WS_HISTORY_MAX < 1 or WS_HISTORY_SECONDS < 0:
+    raise ImproperlyConfigured("WS_HISTORY_MAX must be 1 or more, WS_HISTORY_SECONDS 0 or more.")
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},

@@ -185,6 +185,10 @@ class Limits:
 
 TOPOLOGY = Topology.from_env()
 LIMITS = Limits.from_env()
+# Seconds a Daphne process told to stop (SIGTERM) spends closing its sockets with 1012, spread
+# evenly, so clients reconnect to the other processes a few at a time (asgi_site/server.py).
+# Here, not in Django's settings, because supervisord's and compose's stop timeouts outlast it.
+DRAIN_SECONDS = environ.Env().float("WS_DRAIN_SECONDS", default=5.0)
 
 if __name__ == "__main__":
     sys.stdout.writelines(f"{k}={v}\n" for k, v in TOPOLOGY.as_env().items())

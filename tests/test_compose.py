@@ -410,3 +410,18 @@ def test_proxy_mimic_sees_the_key_with_the_old_conf_d_file(tmp_path):
     )
     assert statuses["realtime.localhost"] == 502
     assert f"GET /ws/live/?session_key={key}" in stderr
+
+
+def test_compose_waits_for_the_daphne_drain_as_supervisord_does(tmp_path):
+    """A stopping Daphne drains (asgi_site/server.py): neither runtime SIGKILLs it sooner."""
+    asgi = rendered("cross-domain")["services"]["asgi"]
+    supervisord = configparser.ConfigParser(interpolation=None)
+    supervisord.read_string(
+        native.render("deploy/supervisord.conf.template", native_topology("cross-domain", tmp_path))
+    )
+    waits = int(supervisord["program:asgi-1"]["stopwaitsecs"])
+    grace = asgi["stop_grace_period"]
+    grace = int(grace.rstrip("s")) if isinstance(grace, str) else int(grace)
+    drain = float(asgi["environment"]["WS_DRAIN_SECONDS"])
+    assert waits >= drain + 3 + 2 and grace >= waits
+    assert int(supervisord["program:wsgi"]["stopwaitsecs"]) == 5

@@ -39,10 +39,12 @@ def live_exchange(cookie, *frames):
     return async_to_sync(run)()
 
 
-def test_logged_in_message_reaches_every_socket(alice):
+def test_logged_in_message_reaches_every_socket(alice, redis_server):
+    # The message is recorded in the live group's history (Redis) and carries its id.
     got, seen = live_exchange(f"sessionid={alice.session.session_key}", json.dumps({"text": "hi"}))
-    expected = {"type": "message", "user": "alice", "text": "hi"}
+    expected = {"type": "message", "user": "alice", "text": "hi", "id": got[0].get("id")}
     assert got == [expected] and seen == [expected]
+    assert redis_server.xrevrange("history:live", count=1)[0][0].decode() == expected["id"]
 
 
 def test_anonymous_message_gets_an_error_and_stays_connected():

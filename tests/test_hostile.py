@@ -5,6 +5,7 @@ status that refused the handshake. The README's "What happens when…" is taken 
 """
 
 import asyncio
+import contextlib
 import json
 import re
 import time
@@ -313,10 +314,12 @@ async def live_socket(stack, key, **kwargs):
     )
 
 
-def test_message_over_the_maximum_size_drops_the_connection(cross_stack):
+def test_message_over_the_maximum_size_closes_with_1009(cross_stack):
     """
-    Daphne (autobahn) drops a socket whose message exceeds --websocket-max-message-size;
-    sockets open at the same time, on the same Daphne process and the other, carry on.
+    A socket whose message exceeds --websocket-max-message-size (65536) is closed with 1009,
+    message too big (RFC 6455), with its reason, not dropped (1006, stock Daphne; the launcher,
+    asgi_site/server.py, sets autobahn's failByDrop=False); sockets open at the same time, on
+    the same Daphne process and the other, carry on.
     """
     session, key = cross_stack.login()
     marker = uuid.uuid4().hex
@@ -325,7 +328,8 @@ def test_message_over_the_maximum_size_drops_the_connection(cross_stack):
         first, second = cross_stack.daphne_ports
         big = await live_socket(cross_stack, key, port=first)
         others = [await live_socket(cross_stack, key, port=port) for port in (first, second)]
-        await big.send(json.dumps({"text": "x" * 70000}))  # Daphne's limit: 65536 bytes
+        with contextlib.suppress(websockets.ConnectionClosed):
+            await big.send(json.dumps({"text": "x" * (4 * 1024 * 1024)}))  # 4 MiB
         await asyncio.wait_for(big.wait_closed(), 5)
         seen = []
         for n, ws in enumerate(others):
@@ -337,10 +341,11 @@ def test_message_over_the_maximum_size_drops_the_connection(cross_stack):
                 texts.append(json.loads(await asyncio.wait_for(ws.recv(), 5)).get("text"))
             seen.append(sorted(t for t in texts if t and t.startswith(marker)))
             await ws.close()
-        return big.close_code, seen
+        return big.close_code, big.close_reason, seen
 
-    code, seen = asyncio.run(run())
-    assert code == 1006  # dropped without a close frame
+    code, reason, seen = asyncio.run(run())
+    assert code == 1009, (code, reason)  # message too big, with a close frame
+    assert "exceeds payload limit of 65536 octets" in reason
     assert seen == [[f"{marker} 0", f"{marker} 1"]] * 2
     assert cross_stack.whoami(query=f"session_key={key}")["user"] == "demo"  # new ones too
 
@@ -369,6 +374,7 @@ def test_bad_frames_get_an_error_frame_and_the_socket_stays(cross_stack, frame, 
 
     answer, follow_up = asyncio.run(run())
     assert answer == {"type": "error", "error": error}
+    assert re.fullmatch(r"\d+-\d+", follow_up.pop("id"))  # its place in the history
     assert follow_up == {"type": "message", "user": "demo", "text": "still here"}
 
 

@@ -199,8 +199,10 @@ def recheck_close(stack, username, change, rechecked=True):
     async def run():
         ws, frame = await opened(stack, query=f"?session_key={key}")
         assert frame["user"] == username
-        await asyncio.to_thread(change, key)
+        # Counted before the change: applying it takes a second (a manage.py process), long
+        # enough for the re-check that closes the socket to run meanwhile.
         before = rechecks(stack)
+        await asyncio.to_thread(change, key)
         result = await closed_within(ws)
         if rechecked:
             wait_until(lambda: rechecks(stack) > before, 2, "socket closed, but no re-check ran")

@@ -112,13 +112,15 @@ def test_announcement_reaches_sockets_on_both_daphne_processes(cross_stack):
                 cross_stack.csrf_post, session, "/announce/", json={"text": "to everyone"}
             )
             assert response.status_code == 200, response.text
-            return [json.loads(await asyncio.wait_for(ws.recv(), 5)) for ws in sockets]
+            frames = [json.loads(await asyncio.wait_for(ws.recv(), 5)) for ws in sockets]
+            return response.json()["id"], frames
         finally:
             for ws in sockets:
                 await ws.close()
 
-    frames = asyncio.run(run())
-    assert frames == [{"type": "announcement", "user": "demo", "text": "to everyone"}] * 2
+    sent_id, frames = asyncio.run(run())
+    expected = {"type": "announcement", "user": "demo", "text": "to everyone", "id": sent_id}
+    assert frames == [expected] * 2
 
 
 def test_socket_message_crosses_daphne_processes(cross_stack):
@@ -139,7 +141,9 @@ def test_socket_message_crosses_daphne_processes(cross_stack):
             await sender.send(json.dumps({"text": "across"}))
             return json.loads(await asyncio.wait_for(watcher.recv(), 5))
 
-    assert asyncio.run(run()) == {"type": "message", "user": "demo", "text": "across"}
+    frame = asyncio.run(run())
+    assert re.fullmatch(r"\d+-\d+", frame.pop("id"))  # its place in the group's history
+    assert frame == {"type": "message", "user": "demo", "text": "across"}
 
 
 def test_announce_anonymous_gets_json_403(cross_stack):

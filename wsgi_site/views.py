@@ -11,7 +11,7 @@ from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_GET, require_POST
 
-from contract import paths, tickets
+from contract import history, paths, tickets
 from contract.groups import LIVE_GROUP, announcement, clean_text, session_end
 from contract.layers import LAYER_ERRORS, UNAVAILABLE
 
@@ -114,13 +114,20 @@ def announce(request: HttpRequest) -> JsonResponse:
         text = clean_text(field(request, "text"))
     except ValueError as exc:
         return JsonResponse({"error": str(exc)}, status=400)
-    event = announcement(request.user.get_username(), text)
+    # Recorded first, so the event carries its id; then sent. If either fails the client is
+    # told 503, and a recorded entry whose send failed is taken back: no half-recorded one.
+    try:
+        event = history.record(LIVE_GROUP, announcement(request.user.get_username(), text))
+    except LAYER_ERRORS as exc:
+        logger.warning("announcement not recorded, Redis unreachable: %r", exc)
+        return unavailable()
     try:
         async_to_sync(get_channel_layer().group_send)(LIVE_GROUP, event)
     except LAYER_ERRORS as exc:
         logger.warning("announcement not sent, channel layer unreachable: %r", exc)
+        history.discard(LIVE_GROUP, event["id"])
         return unavailable()
-    return JsonResponse({"sent": True})
+    return JsonResponse({"sent": True, "id": event["id"]})
 
 
 @require_POST

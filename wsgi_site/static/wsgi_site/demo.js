@@ -85,16 +85,30 @@ function liveFeed() {
   const form = document.getElementById("live-form");
   let ws = null;
   let attempt = 0;
+  // The id of the last announcement or message shown: a reconnect asks for what came after
+  // it (?since=), so nothing is missed or shown twice while the socket was down.
+  let lastId = null;
 
   function note(type, text) {
     const li = feed.appendChild(document.createElement("li"));
     li.dataset.type = type;
     li.textContent = text;
+    return li;
+  }
+
+  // The server no longer holds everything since lastId: say so, and offer a reload.
+  function gap() {
+    const li = note("gap", "Some messages were missed while disconnected. ");
+    const reload = li.appendChild(document.createElement("a"));
+    reload.href = "";
+    reload.textContent = "Reload the page";
+    reload.addEventListener("click", (event) => { event.preventDefault(); location.reload(); });
   }
 
   async function connect() {
     try {
-      const [url, protocols] = await socketArgs(config.live);
+      const since = lastId === null ? "" : `?since=${encodeURIComponent(lastId)}`;
+      const [url, protocols] = await socketArgs({ ...config.live, url: config.live.url + since });
       ws = new WebSocket(url, protocols);
     } catch (error) {
       status.textContent = `cannot connect: ${error.message}`;
@@ -103,6 +117,8 @@ function liveFeed() {
     ws.onopen = () => { attempt = 0; status.textContent = "connected"; };
     ws.onmessage = (event) => {
       const msg = JSON.parse(event.data);
+      if (msg.type === "gap") return gap();
+      if (msg.id) lastId = msg.id;
       note(msg.type, msg.type === "error" ? `error: ${msg.error}` : `${msg.type} from ${msg.user}: ${msg.text}`);
     };
     ws.onclose = (event) => {
