@@ -6,6 +6,7 @@ once, held, and reached by one announcement.
 import asyncio
 import json
 import statistics
+import threading
 import time
 from pathlib import Path
 
@@ -79,3 +80,34 @@ async def soak(stack, sockets=5000, hold=60):
         "daphne_rss_loaded_mib": round(loaded / 1024, 1),
         "kib_per_socket": round((loaded - baseline) / sockets, 1),
     }
+
+
+class Announcer:
+    """
+    POST /announce/ every 10 ms from a thread while a test churns sockets. Leaving the block
+    fails if any announcement was refused: a thread's own assert would be lost.
+    """
+
+    def __init__(self, stack, session, text="churn"):
+        self.stack, self.session, self.text = stack, session, text
+        self.sent, self.refused = 0, []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def run(self):
+        while not self.stop.is_set():
+            response = self.stack.csrf_post(self.session, "/announce/", json={"text": self.text})
+            if response.status_code == 200:
+                self.sent += 1
+            else:
+                self.refused.append(response.status_code)
+            time.sleep(0.01)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join(10)
+        assert self.refused == [], f"announcements refused: {self.refused[:5]}"

@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import json
 import re
-import threading
 import time
 
 import pytest
@@ -17,6 +16,7 @@ import websockets
 
 from contract import tickets
 from tests import raw
+from tests.load import Announcer
 from tests.stack import Stack, wait_until
 
 GROUP_KEY = "asgi:group:live"  # channels-redis: f"{prefix}:group:{name}"
@@ -35,30 +35,6 @@ def stack(tmp_path_factory):
 
 def daphne_logs(stack):
     return [(stack.state_dir / "log" / f"daphne-{i + 1}.log").read_text() for i in range(2)]
-
-
-class Announcer:
-    """POST /announce/ in a loop, from a thread, while a test churns sockets."""
-
-    def __init__(self, stack, session):
-        self.stack, self.session, self.sent = stack, session, 0
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.run, daemon=True)
-
-    def run(self):
-        while not self.stop.is_set():
-            response = self.stack.csrf_post(self.session, "/announce/", json={"text": "churn"})
-            assert response.status_code == 200
-            self.sent += 1
-            time.sleep(0.01)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.thread.join(10)
 
 
 async def live(stack, key=None, port=None):

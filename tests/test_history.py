@@ -12,7 +12,6 @@ import asyncio
 import json
 import random
 import re
-import threading
 import time
 
 import pytest
@@ -24,6 +23,7 @@ from channels.testing import WebsocketCommunicator
 from asgi_site.asgi import application
 from contract import history
 from contract.groups import LIVE_GROUP, announcement
+from tests.load import Announcer
 from tests.stack import Stack
 
 HEADERS = [(b"host", b"realtime.localhost:8000"), (b"origin", b"http://app.localhost:8000")]
@@ -190,30 +190,6 @@ def test_malformed_ids_are_refused():
 # On the real stack.
 
 
-class Announcer:
-    """POST /announce/ in a loop from a thread, while a test reconnects."""
-
-    def __init__(self, stack, session):
-        self.stack, self.session, self.sent = stack, session, 0
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.run, daemon=True)
-
-    def run(self):
-        while not self.stop.is_set():
-            response = self.stack.csrf_post(self.session, "/announce/", json={"text": "race"})
-            assert response.status_code == 200
-            self.sent += 1
-            time.sleep(0.01)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.thread.join(10)
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     with Stack("cross-domain", tmp_path_factory.mktemp("history")) as stack:
@@ -288,7 +264,7 @@ def test_stack_reconnects_under_load_see_every_message_once_in_order(stack):
 
     async def run():
         frames, since = [], None
-        with Announcer(stack, session):
+        with Announcer(stack, session, text="race"):
             for round_ in range(6):
                 query = f"?since={since}" if since else ""
                 port = stack.daphne_ports[round_ % 2]
