@@ -367,6 +367,7 @@ def short_stack(tmp_path_factory):
         "cross-domain", tmp_path_factory.mktemp("short-history"), env={"WS_HISTORY_MAX": 5}
     ) as stack:
         yield stack
+        stack.assert_no_secrets_logged()
 
 
 def test_stack_client_too_far_behind_gets_a_gap_then_what_is_kept(short_stack):
