@@ -1,4 +1,5 @@
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -182,6 +183,11 @@ class LiveConsumer(RealtimeConsumer):
             await self.send_json({"type": "error", "error": malformed})
         elif since is not None:
             await self.catch_up(since)
+        else:
+            # No replay, but a place in the history: two messages recorded at once may reach
+            # this socket in either order, and the later one must not hide the earlier.
+            with contextlib.suppress(*LAYER_ERRORS):
+                self.last_id = await history.newest(LIVE_GROUP)
 
     def since(self) -> tuple[history.StreamId | None, str | None]:
         """The ?since= id, or None; and the error to send if it is malformed."""
@@ -227,7 +233,8 @@ class LiveConsumer(RealtimeConsumer):
         if stream_id is not None and self.last_id is not None:
             if stream_id <= self.last_id:
                 return  # in the replay, or read with a hole
-            if history.parse_id(event.get("prev")) != self.last_id:
+            prev = history.parse_id(event.get("prev")) or history.BEGINNING
+            if prev != self.last_id:
                 await self.catch_up(self.last_id, stream_id)
                 if self.last_id is not None and stream_id <= self.last_id:
                     return

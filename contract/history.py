@@ -50,6 +50,10 @@ return {id, prev}
 """
 
 
+# Before the first entry: a reader there has missed nothing yet.
+BEGINNING: StreamId = (0, 0)
+
+
 def stream_key(group: str) -> str:
     return f"history:{group}"
 
@@ -103,6 +107,13 @@ async def adiscard(group: str, stream_id: str) -> None:
         await async_client().xdel(stream_key(group), stream_id)
 
 
+async def newest(group: str) -> StreamId | None:
+    """The id of the group's newest entry; BEGINNING if it has none."""
+    reply = await async_client().xrevrange(stream_key(group), count=1)
+    entries = cast(list[tuple[bytes, dict[bytes, bytes]]], reply)
+    return parse_id(entries[0][0].decode()) if entries else BEGINNING
+
+
 async def replay(
     group: str, after: StreamId, upto: StreamId | None = None
 ) -> tuple[bool, list[dict]]:
@@ -118,7 +129,9 @@ async def replay(
     events = [_event(entry_id, fields) for entry_id, fields in entries]
     if events and parse_id(events[0]["id"]) == after:
         return False, events[1:]
-    gap = not events or events[0]["prev"] != format_id(after)
+    # The first entry ever recorded follows nothing ("prev" is empty): it follows BEGINNING.
+    expected = "" if after == BEGINNING else format_id(after)
+    gap = not events or events[0]["prev"] != expected
     return gap, events
 
 
