@@ -360,6 +360,44 @@ def test_stack_redis_down_announce_503_and_nothing_half_recorded(stack):
     assert [(f["text"], f["id"]) for f in replayed] == [("after", after)]
 
 
+def test_stack_two_senders_at_once_both_reach_every_new_socket(stack):
+    """
+    Two sockets on the two Daphne processes send at the same moment, ten times, each time to
+    two sockets opened just before (no since=): each of those gets both messages, once, in
+    history order. A new socket used to take the first message it saw as its place in the
+    history and drop the other, recorded a moment earlier, as already sent.
+    """
+    session, key = stack.login()
+
+    async def open_on(port):
+        return await stack.connect(f"/ws/live/?session_key={key}", port=port)
+
+    async def one_round(n):
+        senders = [await open_on(port) for port in stack.daphne_ports]
+        watchers = [await open_on(port) for port in stack.daphne_ports]
+        texts = [f"round {n} from {i}" for i in range(2)]
+        sends = [ws.send(json.dumps({"text": t})) for ws, t in zip(senders, texts, strict=True)]
+        await asyncio.gather(*sends)
+        got = []
+        for ws in watchers:
+            frames = []
+            while len(frames) < 2:
+                frames.append(json.loads(await asyncio.wait_for(ws.recv(), 5)))
+            got.append(frames)
+        for ws in senders + watchers:
+            await ws.close()
+        return texts, got
+
+    async def run():
+        return [await one_round(n) for n in range(10)]
+
+    for texts, got in asyncio.run(run()):
+        for frames in got:
+            assert sorted(f["text"] for f in frames) == texts
+            ids = [history.parse_id(f["id"]) for f in frames]
+            assert ids == sorted(ids)
+
+
 @pytest.fixture(scope="module")
 def short_stack(tmp_path_factory):
     """A stack whose history keeps (at least) the last 5 messages."""
