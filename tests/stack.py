@@ -29,8 +29,10 @@ import websockets
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_USER, DEMO_PASSWORD = "demo", "demo-pass"
-# A stack's ports, from its base: nginx +0, Gunicorn +1, Daphne +10.., Redis +20.
-PORT_SPAN = 21
+# A stack's ports, from its base: nginx +0 (HTTPS when PUBLIC_SCHEME=https), its plain-HTTP
+# redirect +2, metrics +3, Gunicorn +1, Daphne +10.., Redis +20 (in Sentinel mode: replica +21,
+# Sentinels +22..+24), PostgreSQL +25.
+PORT_SPAN = 26
 T = TypeVar("T")
 # Tests and benchmarks drive hundreds of sockets, logins and posts from one address, as no
 # real client does, so their stacks raise the per-address and per-user limits; the tests of
@@ -115,7 +117,10 @@ class Stack:
         self.public_port = base_port
         self.gunicorn_port = base_port + 1
         self.daphne_ports = [base_port + 10 + i for i in range(asgi_processes)]
+        self.http_port = base_port + 2
+        self.metrics_port = base_port + 3
         self.redis_port = base_port + 20
+        self.postgres_port = base_port + 25
         self.app_host = "app.localhost"
         self.realtime_host = "realtime.localhost" if mode == "cross-domain" else "app.localhost"
         self.env = dict(
@@ -126,6 +131,9 @@ class Stack:
             DAPHNE_PORT=str(self.daphne_ports[0]),
             ASGI_PROCESSES=str(asgi_processes),
             REDIS_PORT=str(self.redis_port),
+            PUBLIC_HTTP_PORT=str(self.http_port),
+            METRICS_PORT=str(self.metrics_port),
+            POSTGRES_PORT=str(self.postgres_port),
             STATE_DIR=str(self.state_dir),
         )
         self.env.pop("SECRET_KEY", None)  # the runtime makes its own under STATE_DIR...
