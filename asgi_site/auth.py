@@ -36,6 +36,8 @@ from redis.exceptions import RedisError
 
 from contract import tickets
 
+from . import metrics
+
 logger = logging.getLogger(__name__)
 
 # What Django's session stores make and accept: their alphabet, at least the 8
@@ -84,42 +86,98 @@ SessionKeyAuthMiddlewareStack = SessionAuthMiddlewareStack
 
 async def authenticate(
     scope: Scope,
-) -> tuple[SessionBase, str, AbstractBaseUser | AnonymousUser]:
+) -> tuple[SessionBase, str, "AbstractBaseUser | AnonymousUser | TicketUser"]:
     """Return (session, source, user): precedence is the cookie, a ticket, the session key."""
     # No cookie, no round trip: cross-domain sockets never bring one.
     if settings.SESSION_COOKIE_NAME in scope["cookies"]:
         user = await session_user(scope["session"])
         if user is not None:
             return scope["session"], "cookie", user
+    grant = await ticket_grant(scope)
+    # Minted for a logged-in user, and revoked if that ended (contract.tickets): no query.
+    if grant and grant.username and grant.backend in settings.AUTHENTICATION_BACKENDS:
+        return session_store(grant.session_key), "ticket", TicketUser(grant)
     fallbacks = [  # (scope["auth"], the name refusals are logged under, the session key)
-        ("ticket", "ticket", await ticket_session_key(scope)),
+        ("ticket", "ticket", grant.session_key if grant is not None else None),
         ("session_key", settings.WS_SESSION_KEY_PARAM, session_key_credential(scope)),
     ]
     for source, name, session_key in fallbacks:
         if session_key is None:
             continue
-        session = import_module(settings.SESSION_ENGINE).SessionStore(session_key)
+        session = session_store(session_key)
         user = await session_user(session)
         if user is not None:
             return session, source, user
-        refuse(name, "unknown, expired or anonymous session")
+        refuse(scope, name, "unknown_session", "unknown, expired or anonymous session")
     return scope["session"], "none", AnonymousUser()
 
 
-async def ticket_session_key(scope: Scope) -> str | None:
-    """Redeem the ticket the socket brings; return its session key, or None."""
+def session_store(session_key: str) -> SessionBase:
+    """The session named `session_key`, unread: loading it waits for its first use."""
+    return import_module(settings.SESSION_ENGINE).SessionStore(session_key)
+
+
+class TicketUser:
+    """
+    The user a ticket was minted for, as far as the ticket says: pk, username, logged in;
+    no query made. Any other attribute loads the user from the database, once: as it is in
+    sync code (a database_sync_to_async helper), with `await user.aload()` in async code.
+    """
+
+    is_authenticated = True
+    is_anonymous = False
+
+    def __init__(self, grant: tickets.Grant) -> None:
+        model = get_user_model()
+        self.pk = model._meta.pk.to_python(grant.user_pk)
+        self.backend = grant.backend
+        self._username = grant.username
+        self._user: AbstractBaseUser | AnonymousUser | None = None
+        setattr(self, model.USERNAME_FIELD, grant.username)
+
+    def get_username(self) -> str | None:
+        return self._username
+
+    def __str__(self) -> str:
+        return str(self._username)
+
+    def __getattr__(self, name: str) -> Any:
+        # Only names not set above reach here: those of the user itself.
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.load(), name)
+
+    def load(self) -> AbstractBaseUser | AnonymousUser:
+        """The user from the database (sync code); AnonymousUser if it is gone."""
+        if self._user is None:
+            user = load_backend(str(self.backend)).get_user(self.pk)
+            self._user = user if user is not None else AnonymousUser()
+        return self._user
+
+    async def aload(self) -> AbstractBaseUser | AnonymousUser:
+        """load(), from async code."""
+        return self._user or await database_sync_to_async(self.load)()
+
+
+async def ticket_grant(scope: Scope) -> tickets.Grant | None:
+    """Redeem the ticket the socket brings; return its grant, or None."""
     ticket = credential(scope, "ticket")
     if ticket is None:
         return None
     if not tickets.TICKET_RE.fullmatch(ticket):
-        return refuse("ticket", f"malformed ({len(ticket)} characters)")
+        refuse(scope, "ticket", "malformed_credential", f"malformed ({len(ticket)} characters)")
+        return None
     try:
-        session_key = await tickets.redeem(ticket, scope["path"])
+        grant = await tickets.claim(ticket, scope["path"])
     except RedisError as exc:
-        return refuse("ticket", f"Redis unreachable ({type(exc).__name__})")
-    if session_key is None:
-        return refuse("ticket", "unknown, expired, already used, or minted for another path")
-    return session_key
+        refuse(scope, "ticket", "redis_unreachable", f"Redis unreachable ({type(exc).__name__})")
+        return None
+    if grant is None:
+        reason = "unknown, expired, already used, or minted for another path"
+        refuse(scope, "ticket", "unknown_ticket", reason)
+        return None
+    metrics.TICKETS_REDEEMED.inc()
+    return grant
 
 
 def session_key_credential(scope: Scope) -> str | None:
@@ -129,7 +187,9 @@ def session_key_credential(scope: Scope) -> str | None:
         return None
     session_key = credential(scope, name)
     if session_key is not None and not SESSION_KEY_RE.fullmatch(session_key):
-        return refuse(name, f"malformed ({len(session_key)} characters)")
+        return refuse(
+            scope, name, "malformed_credential", f"malformed ({len(session_key)} characters)"
+        )
     return session_key
 
 
@@ -145,7 +205,7 @@ def credential(scope: Scope, name: str) -> str | None:
         if protocol.startswith(prefix)
     ]
     if len(values) > 1:
-        return refuse(name, f"given {len(values)} times")
+        return refuse(scope, name, "repeated_credential", f"given {len(values)} times")
     return values[0] if values else None
 
 
@@ -160,10 +220,12 @@ def query_values(scope: Scope, name: str) -> list[str]:
     return [value for key, value in pairs if key == name]
 
 
-def refuse(name: str, reason: str) -> str | None:
+def refuse(scope: Scope, name: str, code: str, reason: str) -> str | None:
     # Log why a credential was refused, and stand in for it as None ("return refuse(...)").
-    # The reason is logged; the value never is, not even in part.
+    # The reason is logged; the value never is, not even in part. The first refusal's code
+    # is the handshake's reason in metrics.HANDSHAKES, should it stay anonymous.
     logger.info("%s refused: %s", name, reason)
+    scope.setdefault("refusal", code)
     return None
 
 

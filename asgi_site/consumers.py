@@ -6,15 +6,19 @@ import time
 import urllib.parse
 
 from autobahn.exception import Disconnected
-from channels.db import aclose_old_connections
+from channels.consumer import get_handler_name
 from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
+from channels.layers import get_channel_layer
+from channels.utils import await_many_dispatch
 from django.conf import settings
 
 from contract import history
 from contract.groups import LIVE_GROUP, clean_text, live_message
 from contract.layers import LAYER_ERRORS, UNAVAILABLE
 
+from . import metrics
+from .broadcast import Delivery
 from .upkeep import upkeep
 
 logger = logging.getLogger(__name__)
@@ -27,8 +31,6 @@ TOO_MANY_MESSAGES = 4429
 TOO_MANY_SOCKETS = 4409
 # The subprotocol we answer with; credentials offered beside it are never echoed.
 SUBPROTOCOL = "realtime"
-# Seconds a closing socket waits to leave a group before giving up (Redis may be down).
-LEAVE_TIMEOUT = 2
 
 
 class ClientError(Exception):
@@ -36,14 +38,20 @@ class ClientError(Exception):
 
 
 def whoami(scope):
-    """Return who the server thinks this socket is, and how it knows."""
+    """
+    Return who the server thinks this socket is, how it knows, and what it was given to go
+    on: the names of the cookies that arrived (never their values) and the Origin.
+    """
     user = scope["user"]
     known = user.is_authenticated
+    origins = [value for name, value in scope["headers"] if name == b"origin"]
     return {
         "type": "whoami",
         "user": user.get_username() if known else None,
         "authenticated": known,
         "auth": scope["auth"] if known else "none",
+        "cookies": sorted(scope.get("cookies", {})),
+        "origin": origins[0].decode("latin1") if origins else None,
     }
 
 
@@ -57,6 +65,7 @@ class RealtimeConsumer(AsyncJsonWebsocketConsumer):
 
     joins: tuple[str, ...] = ()
     closed = False  # True once we closed it, or found it gone under us
+    open_labels: tuple[str, str] | None = None  # its series in metrics.SOCKETS_OPEN, while open
 
     async def __call__(self, scope, receive, send):
         async def guarded_send(message):
@@ -73,8 +82,17 @@ class RealtimeConsumer(AsyncJsonWebsocketConsumer):
             except Disconnected:
                 self.closed = True
 
+        # Channels' AsyncConsumer.__call__, but with no channel of the socket's own: its
+        # groups' events come from its process (asgi_site.broadcast) through `inbox`, and
+        # the layer is used to send only.
+        self.scope = scope
+        self.channel_layer = get_channel_layer()
+        self.base_send = guarded_send
+        self.inbox: asyncio.Queue = asyncio.Queue()
         try:
-            await super().__call__(scope, receive, guarded_send)
+            await await_many_dispatch([receive, self.inbox.get], self.dispatch)
+        except StopConsumer:
+            pass
         finally:
             # Every way out: websocket.disconnect, an exception, Daphne cancelling us.
             await self.forget()
@@ -83,7 +101,14 @@ class RealtimeConsumer(AsyncJsonWebsocketConsumer):
         # After close, frames still buffered and group messages are dropped, unread.
         if self.closed and message["type"] != "websocket.disconnect":
             return
-        await super().dispatch(message)
+        # Channels' own dispatch, less its aclose_old_connections() before every message: a
+        # hop to the one database thread for each connect, frame and group event, which made
+        # one announcement to 5,000 sockets 5,000 hops queued on that thread. Every query
+        # here runs in database_sync_to_async, which closes old connections around itself.
+        handler = getattr(self, get_handler_name(message), None)
+        if handler is None:
+            raise ValueError(f"No handler for message type {message['type']}")
+        await handler(message)
 
     async def connect(self):
         user = self.scope["user"]
@@ -99,47 +124,51 @@ class RealtimeConsumer(AsyncJsonWebsocketConsumer):
         admitted = not (standing and user.is_authenticated) or await upkeep().admit(self, user.pk)
         if admitted:
             await self.join(*self.joins)
+            await self.joined()
         offered = SUBPROTOCOL in self.scope.get("subprotocols", [])
         await self.accept(SUBPROTOCOL if offered else None)
-        if not standing:
-            # The session ended while this handshake was under way.
-            await self.close(SESSION_ENDED)
-        elif not admitted:
-            await self.close(TOO_MANY_SOCKETS)
+        # Not standing: the session ended while this handshake was under way.
+        close_code = SESSION_ENDED if not standing else None if admitted else TOO_MANY_SOCKETS
+        if close_code is not None:
+            await self.close(close_code)
+        self.open_labels = metrics.handshake(self.scope, close_code)
+
+    async def joined(self):
+        """Called once the socket is in its groups, before it is accepted: nothing to do here."""
 
     async def websocket_disconnect(self, message):
+        metrics.closed(message.get("code"))
         await self.forget()
         await self.disconnect(message["code"])
-        await aclose_old_connections()
+        # No aclose_old_connections() here either (see dispatch).
         raise StopConsumer()
 
     async def forget(self):
         """Leave upkeep and every group; never raises, so every way out can call it."""
         self.closed = True
-        upkeep().discard(self)
-        await upkeep().uncount(self)
-        groups, self.groups = self.groups, []
-        try:
-            for group in groups:
-                discard = self.channel_layer.group_discard(group, self.channel_name)
-                await asyncio.wait_for(discard, LEAVE_TIMEOUT)
-        except (*LAYER_ERRORS, TimeoutError) as exc:
-            # channels-redis expires the membership; every send to it until then is wasted.
-            logger.warning("channel layer unreachable, groups not left: %r", exc)
+        labels, self.open_labels = self.open_labels, None
+        metrics.gone(labels)
+        keep = upkeep()
+        keep.discard(self)
+        for group in self.groups:
+            keep.broadcast(group).discard(self)
+        self.groups = []
+        await keep.uncount(self)
 
     async def join(self, *groups) -> bool:
-        """Join `groups` (again); False if Redis was unreachable."""
+        """Join `groups`: their events reach this socket (hand) from now on; False if Redis was
+        unreachable (the socket is a member all the same, and upkeep joins again)."""
         if self.closed:
-            return True  # upkeep's re-join may race a socket that is closing
+            return True  # a socket closing while it joins leaves no member behind
         self.groups = list(dict.fromkeys([*self.groups, *groups]))
-        try:
-            for group in groups:
-                await self.channel_layer.group_add(group, self.channel_name)
-        except LAYER_ERRORS as exc:
-            # The socket still works; upkeep joins again once Redis is back.
-            logger.warning("channel layer unreachable, groups not joined: %r", exc)
-            return False
-        return True
+        joined = True
+        for group in groups:
+            joined = await upkeep().broadcast(group).add(self) and joined
+        return joined
+
+    async def hand(self, delivery: Delivery):
+        """An event of one of our groups, from our process: dispatched in its turn."""
+        self.inbox.put_nowait(delivery.event)
 
     async def end_session(self):
         await self.close(SESSION_ENDED)
@@ -169,25 +198,56 @@ class LiveConsumer(RealtimeConsumer):
     # already (in the replay, or filling a hole), and one whose "prev" is not it follows
     # events this socket has not seen yet (sent concurrently, still in flight): read them.
     last_id: history.StreamId | None = None
+    replay_from: history.StreamId | None = None  # ?since=, if the socket asked for a replay
+    # True while the process may send this socket a group event at once (hand): connected,
+    # and no event waiting in its inbox. Else events wait their turn there.
+    settled = False
 
     async def connect(self):
         # A token bucket, per connection: a consumer instance serves exactly one socket.
         self.tokens, self.refilled = settings.WS_MESSAGE_BURST, time.monotonic()
-        since, malformed = self.since()
-        # Joins the group before replaying: group messages sent meanwhile wait in this
-        # channel until connect returns, and are then skipped if the replay had them.
+        self.replay_from, malformed = self.since()
+        # Joins the group before replaying: group events sent meanwhile wait in the inbox
+        # until connect returns, and are then skipped if the replay had them.
         await super().connect()
         if self.closed:
             return
         if malformed:
             await self.send_json({"type": "error", "error": malformed})
-        elif since is not None:
-            await self.catch_up(since)
-        else:
-            # No replay, but a place in the history: two messages recorded at once may reach
-            # this socket in either order, and the later one must not hide the earlier.
+        elif self.replay_from is not None:
+            await self.catch_up(self.replay_from)
+        self.settled = self.inbox.empty()
+
+    async def joined(self):
+        # No replay, but a place in the history, taken in the group and before the accept:
+        # two messages recorded at once may reach this socket in either order, and the later
+        # must not hide the earlier; and none the client sends once accepted is behind it.
+        if self.replay_from is None:
             with contextlib.suppress(*LAYER_ERRORS):
                 self.last_id = await history.newest(LIVE_GROUP)
+
+    async def hand(self, delivery: Delivery):
+        """
+        The process's fast path (asgi_site.broadcast): an event that follows what this socket
+        has is sent at once, one already sent is dropped, and any other (a hole to fill, or
+        the socket busy) waits its turn in the inbox, for live_event.
+        """
+        if not self.settled:
+            await super().hand(delivery)
+            return
+        stream_id, last_id = delivery.id, self.last_id
+        if stream_id is not None and last_id is not None:
+            if stream_id <= last_id:
+                return
+            if delivery.prev != last_id:
+                self.settled = False
+                await super().hand(delivery)
+                return
+        if stream_id is not None:
+            self.last_id = stream_id
+        if delivery.text is None:
+            delivery.text = json.dumps(live_frame(delivery.event))
+        await self.send(text_data=delivery.text)
 
     def since(self) -> tuple[history.StreamId | None, str | None]:
         """The ?since= id, or None; and the error to send if it is malformed."""
@@ -219,13 +279,10 @@ class LiveConsumer(RealtimeConsumer):
             await self.send_event(event)
 
     async def send_event(self, event):
-        frame = {"type": "message" if event["type"] == "live.message" else event["type"],
-                 "user": event["user"], "text": event["text"]}  # fmt: skip
         stream_id = history.parse_id(event.get("id"))
         if stream_id is not None:
-            frame["id"] = event["id"]
             self.last_id = stream_id
-        await self.send_json(frame)
+        await self.send_json(live_frame(event))
 
     async def live_event(self, event):
         """A group event: send it unless sent already, after any it follows and we lack."""
@@ -289,6 +346,17 @@ class LiveConsumer(RealtimeConsumer):
 
     async def live_message(self, event):
         await self.live_event(event)
+        self.settled = self.inbox.empty()
 
     async def announcement(self, event):
         await self.live_event(event)
+        self.settled = self.inbox.empty()
+
+
+def live_frame(event: dict) -> dict:
+    """The frame a live socket is sent for a history event (its id, if it has one)."""
+    frame = {"type": "message" if event["type"] == "live.message" else event["type"],
+             "user": event["user"], "text": event["text"]}  # fmt: skip
+    if history.parse_id(event.get("id")) is not None:
+        frame["id"] = event["id"]
+    return frame

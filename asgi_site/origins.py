@@ -4,6 +4,8 @@ from channels.security.websocket import WebsocketDenier
 from django.conf import settings
 from django.http.request import split_domain_port, validate_host
 
+from . import metrics
+
 logger = logging.getLogger(__name__)
 
 
@@ -28,6 +30,7 @@ class TopologyOriginValidator:
             origin, allowed = None, settings.WS_ALLOW_MISSING_ORIGIN
         if not allowed:
             logger.info("origin refused: %r", origin)
+            metrics.refused("origin")
             return await WebsocketDenier()(scope, receive, send)
         return await self.application(scope, receive, send)
 
@@ -46,5 +49,6 @@ class AllowedHostsValidator:
         domain, _ = split_domain_port(hosts[0].decode("latin1")) if len(hosts) == 1 else ("", "")
         if not (domain and validate_host(domain, settings.ALLOWED_HOSTS)):
             logger.info("host refused: %r", hosts[0][:100] if hosts else None)
+            metrics.refused("host")
             return await WebsocketDenier()(scope, receive, send)
         return await self.application(scope, receive, send)

@@ -8,9 +8,10 @@ one task per process re-checks every session its logged-in sockets stand on, in 
 queries however many sockets there are, and closes the sockets whose session no longer
 stands: expired, deleted, user deactivated, password changed elsewhere.
 
-The same task re-joins every socket's groups after the channel layer saw Redis go away
-(Redis may have lost them), and every GROUP_REFRESH_SECONDS, before channels-redis'
-group expiry (a day) drops a long-lived socket from its groups.
+Broadcast groups are joined per process too (asgi_site.broadcast): the same task re-joins
+this process's groups after the channel layer saw Redis go away (Redis may have lost
+them), and every GROUP_REFRESH_SECONDS, before channels-redis' group expiry (a day) drops
+a long-lived process from its groups.
 
 It also keeps the per-user cap on open sockets (WS_MAX_SOCKETS_PER_USER), counted across
 every process in Redis: one sorted set per user of socket ids, scored with when their
@@ -35,12 +36,15 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.db import DatabaseError
 from django.utils import timezone
+from redis.commands.core import AsyncScript
 
 from contract.groups import SESSION_EVENTS, session_hash
 from contract.layers import LAYER_ERRORS
-from contract.tickets import async_client
+from contract.redis_clients import async_client
 
+from . import metrics
 from .auth import authenticated_user
+from .broadcast import Broadcast
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +115,13 @@ class Upkeep:
         # consumer -> (Redis key, socket id): logged-in sockets counted against their user's cap
         self.counted: dict[Any, tuple[str, str]] = {}
         self.count_logged = 0.0
+        self.broadcasts: dict[str, Broadcast] = {}  # group -> its sockets here
+
+    def broadcast(self, group: str) -> Broadcast:
+        """This process's members of `group`, and its one channel in it."""
+        if group not in self.broadcasts:
+            self.broadcasts[group] = Broadcast(group)
+        return self.broadcasts[group]
 
     def add(
         self,
@@ -228,11 +239,13 @@ class Upkeep:
             # Keep the sockets: a database blip is not a logout.
             logger.warning("session re-check failed: %s", type(exc).__name__)
             return
+        took = time.monotonic() - began
+        metrics.RECHECK_SECONDS.observe(took)
         logger.info(
             "re-checked %d sessions of %d sockets in %.1f ms",
             len(pairs),
             len(self.sessions),
-            (time.monotonic() - began) * 1000,
+            took * 1000,
         )
         for consumer, pair in list(self.sessions.items()):
             if pair not in standing:
@@ -245,8 +258,8 @@ class Upkeep:
         if getattr(layer, "last_outage", 0) > self.rejoined or due:
             started = time.monotonic()
             joined = self.channel is None or await self.join_events(layer)
-            for consumer in list(self.consumers):
-                joined = await consumer.join(*consumer.groups) and joined
+            for broadcast in list(self.broadcasts.values()):
+                joined = await broadcast.join(again=True) and joined
             # Counted as done only when every join went through: a Redis that came back on
             # a stale connection, or timed out, gets another try at the next interval.
             if joined:
@@ -262,8 +275,8 @@ class Upkeep:
             return True
         key, socket_id = USER_SOCKETS_KEY.format(user_pk), uuid.uuid4().hex
         try:
-            script = async_client().eval(ADMIT_SCRIPT, 1, key, socket_id, cap, counted_seconds())
-            admitted = bool(await script)
+            script = AsyncScript(async_client(), ADMIT_SCRIPT)  # EVALSHA: the body is not resent
+            admitted = bool(await script(keys=[key], args=[socket_id, cap, counted_seconds()]))
         except LAYER_ERRORS as exc:
             self.log_count_failure("not counted", exc)
             admitted = True  # fail open; the next re-check counts it

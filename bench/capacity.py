@@ -9,7 +9,13 @@ Re-check cost: with 5,000 authenticated sockets over two Daphne processes re-che
 every 5 s, count what Redis and the database do per second (Redis from INFO, database
 queries from Daphne's "re-checked" log lines, two queries each).
 
-    python -m bench.capacity [--steps 0 500 1000 2000 3000 4000 6000 8000]
+Connect storm and hold, over two Daphne processes through nginx, with bench.common.Client
+(the load generator processes of bench/fanout.py): the time to open 5,000 authenticated
+sockets (session key) against 5,000 anonymous ones, interleaved in the same run; then
+15,000 authenticated idle sockets held at once, the memory each costs Daphne, and one
+announcement that must reach every one of them.
+
+    python -m bench.capacity [--steps 0 500 1000 2000 3000 4000 6000 8000] [--hold 15000]
 """
 
 import argparse
@@ -21,7 +27,7 @@ import time
 import websockets
 from redis import Redis
 
-from bench.common import fmt, percentile, running_stack, spread, write
+from bench.common import Client, fmt, fresh_login, percentile, running_stack, spread, write
 from bench.handshake import handshakes, requests_for
 from tests.load import daphne_rss, open_sockets
 
@@ -106,6 +112,59 @@ async def recheck_load(stack, sockets, window):
     }
 
 
+STORM_WAYS = {"anonymous": "/ws/live/", "authenticated": "/ws/live/?session_key={key}"}
+
+
+def storm_and_hold(stack, storm, rounds, hold):
+    """Connect storms, anonymous against authenticated, then `hold` authenticated sockets."""
+    client = Client(stack, STORM_WAYS)
+    storms: dict[str, list] = {way: [] for way in STORM_WAYS}
+    failures = {}
+    try:
+        for round_ in range(rounds):
+            order = list(STORM_WAYS) if round_ % 2 == 0 else list(reversed(STORM_WAYS))
+            for way in order:
+                _, key = fresh_login(stack, f"storm-{way}-{round_}")
+                began = time.monotonic()
+                failure = client.open(way, STORM_WAYS[way].format(key=key), storm)
+                took = time.monotonic() - began
+                client.all("close", way)
+                time.sleep(SETTLE_SECONDS)
+                if failure:
+                    failures[f"storm {way}"] = failure
+                else:
+                    storms[way].append(took)
+                print(f"storm {round_ + 1}, {storm:,} {way}: {took:.1f} s {failure or ''}")
+        session, key = fresh_login(stack, "held")
+        baseline = daphne_rss(stack)
+        began = time.monotonic()
+        failure = client.open("authenticated", STORM_WAYS["authenticated"].format(key=key), hold)
+        opened = time.monotonic() - began
+        time.sleep(SETTLE_SECONDS)
+        loaded = daphne_rss(stack)
+        client.all("arm", "authenticated", "held")
+        response = stack.csrf_post(session, "/announce/", json={"text": "held"})
+        delivered = sum(len(share) for share in client.all("collect"))
+        client.all("close", "authenticated")
+    finally:
+        client.stop()
+    ratios = [a / n for a, n in zip(storms["authenticated"], storms["anonymous"], strict=False)]
+    return {
+        "storm_sockets": storm,
+        "storm_seconds": {way: spread(t) for way, t in storms.items() if t},
+        "storm_ratio": spread(ratios) if ratios else None,
+        "hold_sockets": hold,
+        "hold_failure": failure,
+        "hold_open_seconds": round(opened, 1),
+        "hold_announce_status": response.status_code,
+        "hold_delivered": delivered,
+        "daphne_rss_baseline_mib": round(baseline / 1024, 1),
+        "daphne_rss_loaded_mib": round(loaded / 1024, 1),
+        "kib_per_socket": round((loaded - baseline) / hold, 1),
+        "failures": failures,
+    }
+
+
 def command_calls(redis):
     """{command: calls so far}, from INFO commandstats."""
     return {
@@ -122,7 +181,12 @@ def main():
     parser.add_argument("--probes", type=int, default=150)
     parser.add_argument("--recheck-sockets", type=int, default=5000)
     parser.add_argument("--window", type=float, default=30)
+    parser.add_argument("--storm", type=int, default=5000)
+    parser.add_argument("--storm-rounds", type=int, default=2)
+    parser.add_argument("--hold", type=int, default=15000)
     args = parser.parse_args()
+    with running_stack() as stack:
+        held = storm_and_hold(stack, args.storm, args.storm_rounds, args.hold)
     with running_stack(asgi_processes=1) as stack:
         steps = asyncio.run(ramp(stack, args.steps, args.probes))
     with running_stack(WS_SESSION_RECHECK_SECONDS=RECHECK_SECONDS) as stack:
@@ -134,6 +198,7 @@ def main():
         "steps": steps,
         "capacity_sockets": capacity,
         "recheck": recheck,
+        "storm_and_hold": held,
     }
     table = [
         [
@@ -160,7 +225,31 @@ def main():
         ]
     )
     write("capacity", figures, table)
+    storm_table(held)
     print(f"capacity: {capacity:,} idle sockets with p99 < {P99_LIMIT_MS} ms")
+
+
+def storm_table(held):
+    """bench/results/storm.md: the connect storm and the held sockets, over two processes."""
+    rows = [["two Daphne processes, through nginx", "seconds", "÷ anonymous", "Daphne RSS MiB",
+             "KiB per socket", "announcement reached"]]  # fmt: skip
+    seconds, ratio = held["storm_seconds"], held["storm_ratio"]
+    for way in STORM_WAYS:
+        if way in seconds:
+            to_anonymous = fmt(ratio, 2) if way == "authenticated" and ratio else "1.0"
+            label = f"open {held['storm_sockets']:,} {way} sockets"
+            rows.append([label, fmt(seconds[way], 1), to_anonymous, "", "", ""])
+    rows.append(
+        [
+            f"hold {held['hold_sockets']:,} authenticated sockets",
+            held["hold_open_seconds"],
+            "",
+            held["daphne_rss_loaded_mib"],
+            held["kib_per_socket"],
+            f"{held['hold_delivered']:,} of {held['hold_sockets']:,}",
+        ]
+    )
+    write("storm", {"storm_and_hold": held}, rows)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """
 Handshake cost through nginx on the real stack: handshakes per second and latency for
 /ws/whoami/ with five ways of authenticating, run interleaved (A B C D E, in a rotating
-order) so a noisy machine does not decide a comparison.
+order) so a noisy machine does not decide a comparison. Two stacks run side by side, one on
+SQLite and one on PostgreSQL (DATABASE=postgres), and each round measures every way on both:
+bench/results/handshake.* and handshake-postgres.*, from the same run.
 
     python -m bench.handshake [--rounds 5] [--handshakes 200] [--concurrency 16]
 
@@ -11,6 +13,7 @@ fallback with one generator process and with two, to show the generator is not t
 
 import argparse
 import asyncio
+import contextlib
 import json
 import multiprocessing
 import time
@@ -93,31 +96,67 @@ def main():
     parser.add_argument("--concurrency", type=int, default=16)
     args = parser.parse_args()
     names = list(VARIANTS)
-    runs = {name: [] for name in names}
+    databases = ("sqlite", "postgres")
+    runs = {db: {name: [] for name in names} for db in databases}
     generators = {1: [], 2: []}
-    with running_stack(WS_TICKET_TTL=600, ASGI_APP="bench.asgi:application") as stack:
-        session, key = stack.login()
-        asyncio.run(
-            handshakes(stack, requests_for(stack, "session_key", 50, session, key), 8)
-        )  # warm up
+    env = {"WS_TICKET_TTL": 600, "ASGI_APP": "bench.asgi:application"}
+    with contextlib.ExitStack() as running:
+        stacks = {db: running.enter_context(running_stack(DATABASE=db, **env)) for db in databases}
+        logins = {db: stack.login() for db, stack in stacks.items()}
+        for db, stack in stacks.items():
+            session, key = logins[db]
+            warm_up = requests_for(stack, "session_key", 50, session, key)
+            asyncio.run(handshakes(stack, warm_up, 8))
         for round_ in range(args.rounds):
             order = names[round_ % len(names) :] + names[: round_ % len(names)]
             for name in order:
-                specs = requests_for(stack, name, args.handshakes, session, key)
-                latencies, seconds = asyncio.run(handshakes(stack, specs, args.concurrency))
-                runs[name].append(
-                    {
-                        "rate": len(latencies) / seconds,
-                        "p50": percentile(latencies, 0.5),
-                        "p99": percentile(latencies, 0.99),
-                    }
-                )
+                for db in databases if round_ % 2 == 0 else reversed(databases):
+                    stack, (session, key) = stacks[db], logins[db]
+                    specs = requests_for(stack, name, args.handshakes, session, key)
+                    latencies, seconds = asyncio.run(handshakes(stack, specs, args.concurrency))
+                    runs[db][name].append(
+                        {
+                            "rate": len(latencies) / seconds,
+                            "p50": percentile(latencies, 0.5),
+                            "p99": percentile(latencies, 0.99),
+                        }
+                    )
+            stack, (session, key) = stacks["sqlite"], logins["sqlite"]
             for processes in (1, 2) if round_ % 2 == 0 else (2, 1):
                 specs = requests_for(stack, "session_key", args.handshakes, session, key)
                 generators[processes].append(
                     with_generators(stack, specs, args.concurrency, processes)
                 )
-    report(runs, generators, args)
+    report(runs["sqlite"], generators, args)
+    report_postgres(runs, args)
+
+
+def report_postgres(runs, args):
+    """The PostgreSQL table: each way as on SQLite, and its ratio to SQLite in the same round."""
+    figures = {"settings": vars(args), "variants": {}}
+    table = [["way, on PostgreSQL", "handshakes/s", "p50 ms", "p99 ms", "÷ same way on SQLite"]]
+    for name, label in VARIANTS.items():
+        pg, lite = runs["postgres"][name], runs["sqlite"][name]
+        entry = {
+            "label": label,
+            "rate": spread([r["rate"] for r in pg]),
+            "p50_ms": spread([r["p50"] * 1000 for r in pg]),
+            "p99_ms": spread([r["p99"] * 1000 for r in pg]),
+            "ratio_to_sqlite": spread(
+                [p["rate"] / s["rate"] for p, s in zip(pg, lite, strict=True)]
+            ),
+        }
+        figures["variants"][name] = entry
+        table.append(
+            [
+                label,
+                fmt(entry["rate"]),
+                fmt(entry["p50_ms"], 1),
+                fmt(entry["p99_ms"], 1),
+                fmt(entry["ratio_to_sqlite"], 2),
+            ]
+        )
+    write("handshake-postgres", figures, table)
 
 
 def report(runs, generators, args):

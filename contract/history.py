@@ -12,7 +12,7 @@ between the id it has and the next entry kept is gone (a gap), instead of guessi
 oldest entry kept.
 
 The HTTP side records with the sync client and the socket side with the async one, the
-clients of contract.tickets (settings.REDIS_URL).
+clients of contract.redis_clients (settings.REDIS_URL).
 """
 
 import contextlib
@@ -24,7 +24,7 @@ from django.conf import settings
 from redis.commands.core import AsyncScript, Script
 
 from .layers import LAYER_ERRORS
-from .tickets import async_client, sync_client
+from .redis_clients import async_client, sync_client
 
 # A stream entry id, as Redis writes it: milliseconds, a dash, a sequence number.
 ID_RE = re.compile(r"(\d{1,20})-(\d{1,20})")

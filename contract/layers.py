@@ -8,9 +8,11 @@ import time
 
 from channels_redis.core import RedisChannelLayer
 from django.core.exceptions import ImproperlyConfigured
-from redis.asyncio import BlockingConnectionPool
+from django.dispatch import Signal
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+
+from .redis_clients import blocking_pool
 
 logger = logging.getLogger(__name__)
 
@@ -31,19 +33,25 @@ READ_TIMEOUT = 5
 # A Redis that is down refuses at once; one that does not answer at all is given this long.
 CONNECT_TIMEOUT = 2
 
+# Sent with outage=True when receive() finds Redis gone (a lost connection), and with
+# outage=False when Redis answers again; the socket side keeps a metric of it.
+outage_changed = Signal()
+
 
 class ResilientRedisChannelLayer(RedisChannelLayer):
     """
     channels-redis' RedisChannelLayer, except that receive() waits for Redis to come back
     instead of raising: the stock layer's error ends every consumer, and so every open
     socket, when Redis restarts. Sends still raise, so callers can answer 503. And a burst
-    of commands waits for a pooled connection instead of failing.
+    of commands waits for a pooled connection instead of failing. Its pools come from
+    contract.redis_clients: with Sentinels, they follow the primary through a failover.
     """
 
     brpop_timeout = BLOCK_SECONDS
     _last_logged = 0.0
     # When receive() last found Redis gone: the socket side re-joins groups after it.
     last_outage = 0.0
+    in_outage = False  # from then until Redis answers again (outage_changed)
 
     def create_pool(self, index):
         # The stock pool raises MaxConnectionsError on the 101st concurrent command: a burst
@@ -51,7 +59,7 @@ class ResilientRedisChannelLayer(RedisChannelLayer):
         host = dict(self.hosts[index])
         host.setdefault("socket_timeout", READ_TIMEOUT)
         host.setdefault("socket_connect_timeout", CONNECT_TIMEOUT)
-        pool = BlockingConnectionPool.from_url(
+        pool = blocking_pool(
             host.pop("address"), max_connections=POOL_SIZE, timeout=POOL_WAIT_SECONDS, **host
         )
         # A ?socket_timeout= in the URL wins over the default above: refuse one that would
@@ -64,6 +72,12 @@ class ResilientRedisChannelLayer(RedisChannelLayer):
             )
         return pool
 
+    def consistent_hash(self, value):
+        # Sharded over several hosts, a process's channels live on the shard its prefix (up to
+        # "!") hashes to: receive() and group_send() hash that, but channels-redis 4.3's send()
+        # hashes the whole name, so about half of the direct sends went to a shard no one reads.
+        return super().consistent_hash(self.non_local_name(value))
+
     async def receive(self, channel):
         while True:
             try:
@@ -71,6 +85,20 @@ class ResilientRedisChannelLayer(RedisChannelLayer):
             except LAYER_ERRORS as exc:
                 self._log_outage(exc)
                 await asyncio.sleep(RETRY_SECONDS)
+                await self._check_back()
+
+    async def _check_back(self):
+        # A receive that blocks until a message comes cannot say when Redis is back: ask.
+        if not self.in_outage:
+            return
+        try:
+            for index in range(self.ring_size):
+                await self.connection(index).ping()
+        except LAYER_ERRORS:
+            return
+        if self.in_outage:
+            self.in_outage = False
+            outage_changed.send(sender=type(self), outage=False)
 
     def _log_outage(self, exc):
         now = time.monotonic()
@@ -78,6 +106,9 @@ class ResilientRedisChannelLayer(RedisChannelLayer):
         # command under load is retried without that.
         if isinstance(exc, (RedisConnectionError, ConnectionRefusedError, ConnectionResetError)):
             self.last_outage = now
+            if not self.in_outage:
+                self.in_outage = True
+                outage_changed.send(sender=type(self), outage=True)
         # Every waiting consumer lands here; say it once every few seconds, not once each.
         if now - self._last_logged > LOG_EVERY_SECONDS:
             self._last_logged = now

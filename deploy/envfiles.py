@@ -18,29 +18,55 @@ WS_PATH = "/ws/"
 # network, Redis and PostgreSQL are services, state lives in the image's /app/var.
 CONTAINER = {"BIND_ADDRESS": "0.0.0.0", "REDIS_PORT": "6379", "STATE_DIR": "/app/var"}
 
+LOCAL_SECRETS = {"POSTGRES_PASSWORD": "local-only-not-a-secret", "DEMO_PASSWORD": "demo-pass"}
+# Production hosts: the same two names in each mode, so the examples differ only in the mode.
+PRODUCTION = {
+    "PUBLIC_SCHEME": "https",
+    "PUBLIC_PORT": "443",
+    "APP_HOST": "www.example.com",
+    "REALTIME_HOST": "realtime.example.com",
+}
+PRODUCTION_SECRETS = {
+    "POSTGRES_PASSWORD": "",
+    "DEMO_PASSWORD": "",
+    "LETSENCRYPT_EMAIL": "admin@example.com",
+}
+PRODUCTION_NOTE = (
+    "Production, {mode}, with TLS (compose.tls.yaml): copy to production.env and fill in the\n"
+    "# blanks. SECRET_KEY and POSTGRES_PASSWORD come from your secret store; compose refuses to\n"
+    "# start without them."
+)
+
 FILES = {
     "same-domain.env": (
         "Local compose run, pages and sockets on one domain (/ws/).",
         {"SPLIT_MODE": "same-domain"},
-        {"POSTGRES_PASSWORD": "local-only-not-a-secret", "DEMO_PASSWORD": "demo-pass"},
+        LOCAL_SECRETS,
     ),
     "cross-domain.env": (
         "Local compose run, sockets on REALTIME_HOST.",
         {"SPLIT_MODE": "cross-domain"},
-        {"POSTGRES_PASSWORD": "local-only-not-a-secret", "DEMO_PASSWORD": "demo-pass"},
+        LOCAL_SECRETS,
     ),
-    "production.env.example": (
-        "Production with TLS (compose.tls.yaml): copy to production.env and fill in the blanks.\n"
-        "# SECRET_KEY and POSTGRES_PASSWORD come from your secret store; compose refuses to start\n"
-        "# without them.",
-        {
-            "SPLIT_MODE": "cross-domain",
-            "PUBLIC_SCHEME": "https",
-            "PUBLIC_PORT": "443",
-            "APP_HOST": "www.example.com",
-            "REALTIME_HOST": "realtime.example.com",
-        },
-        {"POSTGRES_PASSWORD": "", "DEMO_PASSWORD": "", "LETSENCRYPT_EMAIL": "admin@example.com"},
+    "subdomain.env": (
+        "Local compose run, sockets on a sibling subdomain, the session cookie on the parent.",
+        {"SPLIT_MODE": "subdomain"},
+        LOCAL_SECRETS,
+    ),
+    "production-same-domain.env.example": (
+        PRODUCTION_NOTE.format(mode="same-domain"),
+        {**PRODUCTION, "SPLIT_MODE": "same-domain", "REALTIME_HOST": PRODUCTION["APP_HOST"]},
+        PRODUCTION_SECRETS,
+    ),
+    "production-cross-domain.env.example": (
+        PRODUCTION_NOTE.format(mode="cross-domain"),
+        {**PRODUCTION, "SPLIT_MODE": "cross-domain"},
+        PRODUCTION_SECRETS,
+    ),
+    "production-subdomain.env.example": (
+        PRODUCTION_NOTE.format(mode="subdomain"),
+        {**PRODUCTION, "SPLIT_MODE": "subdomain"},
+        PRODUCTION_SECRETS,
     ),
 }
 
@@ -51,8 +77,6 @@ def render(description, topology_env, extra):
     values.update(
         {
             "COMPOSE_PROJECT_NAME": "split-channels",
-            # The port the proxy publishes for plain HTTP: PUBLIC_PORT, or 80 beside TLS.
-            "HTTP_PORT": "80" if topology.scheme == "https" else str(topology.public_port),
             "WS_PATH_SHA1": hashlib.sha1(WS_PATH.encode()).hexdigest(),
             "POSTGRES_DB": "app",
             "POSTGRES_USER": "app",

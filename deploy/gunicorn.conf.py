@@ -8,6 +8,9 @@ bind = f"{TOPOLOGY.bind_address}:{TOPOLOGY.gunicorn_port}"
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
 # Only the proxy talks to Gunicorn; trust its X-Forwarded-* headers and nobody else's.
 forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1")
+# The scheme comes from X-Forwarded-Proto alone, which the proxy always sets. Gunicorn's default
+# also believes X-Forwarded-Ssl and X-Forwarded-Protocol, which a client could send through.
+secure_scheme_headers = {"X-FORWARDED-PROTO": "https"}
 # Gunicorn 25+ opens a control socket in $HOME by default; two stacks side by side
 # would fight over it, and nothing here uses it.
 control_socket_disable = True

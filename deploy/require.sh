@@ -1,12 +1,19 @@
 #!/usr/bin/env bash
-# Make sure system commands exist: `deploy/require.sh COMMAND[:DEBIAN_PACKAGE] ...`.
+# Make sure system commands exist: `deploy/require.sh COMMAND[:DEBIAN_PACKAGE] ...`. A COMMAND
+# that is a path pattern is looked for on disk, for programs Debian keeps off PATH
+# ('/usr/lib/postgresql/*/bin/initdb:postgresql'; quote it).
 # Missing ones are installed with apt-get when we are root on Debian/Ubuntu; otherwise
 # we stop and print the exact command that installs them.
 set -o errexit -o pipefail -o nounset
 
 missing=()
 for spec in "$@"; do
-  command -v "${spec%%:*}" >/dev/null 2>&1 || missing+=("${spec#*:}")
+  name=${spec%%:*}
+  if [[ $name == /* ]]; then
+    compgen -G "$name" >/dev/null || missing+=("${spec#*:}")
+  else
+    command -v "$name" >/dev/null 2>&1 || missing+=("${spec#*:}")
+  fi
 done
 ((${#missing[@]})) || exit 0
 

@@ -3,7 +3,11 @@
 # natively otherwise (or RUNTIME=native). The first line says which, and why.
 set -o errexit -o pipefail -o nounset
 cd "$(dirname "$0")/.."
-mode=$1
+mode=${1:-}
+case $mode in
+  same-domain | cross-domain | subdomain) ;;
+  *) echo "Unknown mode '$mode': use same-domain, cross-domain or subdomain." >&2; exit 2 ;;
+esac
 
 case ${RUNTIME:-} in
   docker) runtime=docker why="RUNTIME=docker" ;;
@@ -18,7 +22,11 @@ esac
 echo "Runtime: $runtime ($why)."
 
 if [[ $runtime == native ]]; then
-  deploy/require.sh nginx redis-server
+  if [[ ${DATABASE:-sqlite} == postgres ]]; then
+    deploy/require.sh nginx redis-server '/usr/lib/postgresql/*/bin/initdb:postgresql'
+  else
+    deploy/require.sh nginx redis-server
+  fi
   exec env SPLIT_MODE="$mode" "${PYTHON:-.venv/bin/python}" -m deploy.native
 fi
 
@@ -29,11 +37,22 @@ if [[ -z ${SECRET_KEY:-} ]]; then
   SECRET_KEY=$(cat var/compose-secret-key)
   export SECRET_KEY
 fi
-# Compose prefers shell variables to the env file's; the mode, at least, is the target's.
+# Compose prefers the shell's variables to the env file's, so what the user exported wins; the
+# mode, at least, is the target's. Read the env file for the rest without overwriting any.
 export SPLIT_MODE=$mode
-# shellcheck disable=SC1090
-source "deploy/$mode.env"
+while IFS='=' read -r key value; do
+  if [[ $key =~ ^[A-Z_][A-Z0-9_]*$ && -z ${!key+set} ]]; then
+    printf -v "$key" '%s' "$value"
+  fi
+done < "deploy/$mode.env"
+# Subdomain mode routes like cross-domain (sockets on their own host); its env file scopes the
+# session cookie to the parent domain.
+files=(-f deploy/compose.yaml -f "deploy/compose.${mode/subdomain/cross-domain}.yaml")
+# Redis with failover, as in the native runtime: REDIS_SENTINEL=1 adds the Sentinels.
+sentinel=${REDIS_SENTINEL:-}
+if [[ ${sentinel,,} =~ ^(1|true|yes|y|on|ok)$ ]]; then
+  files+=(-f deploy/compose.sentinel.yaml)
+fi
 echo "Open ${PUBLIC_SCHEME}://${APP_HOST}:${PUBLIC_PORT}/ once the services are healthy; log in as ${DEMO_USER} / ${DEMO_PASSWORD}."
-exec docker compose --env-file "deploy/$mode.env" \
-  -f deploy/compose.yaml -f "deploy/compose.$mode.yaml" \
-  up --build --scale "asgi=${ASGI_REPLICAS:-1}"
+exec docker compose --env-file "deploy/$mode.env" "${files[@]}" \
+  up --build --scale "asgi=$ASGI_REPLICAS"

@@ -26,9 +26,24 @@ DEBUG = env.bool("DJANGO_DEBUG", default=False)
 # health checks made from beside the server rather than through nginx.
 LOCAL_HOSTS = ["localhost", "127.0.0.1"]
 
+
+def native_database(topology):
+    """The native runtime's database: a SQLite file, or its own PostgreSQL's Unix socket."""
+    if topology.database == "postgres":  # deploy/postgres.py makes and runs the cluster
+        return {
+            "ENGINE": "django.db.backends.postgresql",
+            "NAME": "app",
+            "USER": "app",
+            "HOST": str(topology.postgres_socket_dir),
+            "PORT": topology.postgres_port,
+        }
+    return {"ENGINE": "django.db.backends.sqlite3", "NAME": str(topology.state_dir / "db.sqlite3")}
+
+
 DATABASES = {
-    "default": env.db("DATABASE_URL", default=f"sqlite:///{TOPOLOGY.state_dir / 'db.sqlite3'}")
-}
+    "default": env.db("DATABASE_URL") if env.str("DATABASE_URL", default="") else
+    native_database(TOPOLOGY)
+}  # fmt: skip
 # Keep connections: with Django's default of 0, every database_sync_to_async hop on the
 # socket side closes its connection and the next handshake opens a new one (measured:
 # a quarter of a Daphne process's time went there; see "Performance" in the README).
@@ -42,6 +57,25 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
         "transaction_mode": "IMMEDIATE",
         "timeout": 20,
     }
+else:
+    # PostgreSQL, native or compose. Each process holds at most DATABASE_CONNECTIONS of
+    # them: one persistent connection (the default: Gunicorn's sync workers and Daphne's
+    # database thread each use one at a time), or with DATABASE_POOL=true a psycopg pool of
+    # up to DATABASE_POOL_SIZE. Keep (WEB_CONCURRENCY + Daphne processes) x DATABASE_CONNECTIONS
+    # under the server's max_connections (README, "PostgreSQL"; the native runner checks).
+    # A server that does not answer fails a request within connect_timeout (or the pool's
+    # timeout): pages answer 503 (wsgi_site/unavailable.py), handshakes are anonymous.
+    DATABASE_POOL = env.bool("DATABASE_POOL", default=False)
+    DATABASE_POOL_SIZE = env.int("DATABASE_POOL_SIZE", default=4)
+    DATABASES["default"]["OPTIONS"] = {"connect_timeout": 3}
+    if DATABASE_POOL:
+        # The pool keeps its connections itself: Django's persistence must be off.
+        DATABASES["default"]["CONN_MAX_AGE"] = 0
+        DATABASES["default"]["OPTIONS"]["pool"] = {
+            "min_size": 1,
+            "max_size": DATABASE_POOL_SIZE,
+            "timeout": 3,
+        }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 INSTALLED_APPS = [
@@ -52,23 +86,58 @@ INSTALLED_APPS = [
 
 # One session store, in the shared database, read by Gunicorn and Daphne alike.
 SESSION_ENGINE = "django.contrib.sessions.backends.db"
-SESSION_COOKIE_DOMAIN = env.str("SESSION_COOKIE_DOMAIN", default=None)
-SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = TOPOLOGY.scheme == "https"
+# The app host alone, or in subdomain mode the parent domain of both hosts (the topology
+# derives and checks it). The CSRF cookie stays on the app host: only pages need it.
+SESSION_COOKIE_DOMAIN = TOPOLOGY.cookie_domain
+SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = TOPOLOGY.tls
 CSRF_TRUSTED_ORIGINS = [TOPOLOGY.app_origin]
-# TLS ends at the proxy; it says so in X-Forwarded-Proto.
+# TLS ends at nginx, which sets X-Forwarded-Proto to the scheme it was reached by, replacing
+# any the client sent. HSTS and the redirect to HTTPS are nginx's too (nginx/native.conf.template).
 SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 
+# Redis holds tickets, history, socket counts and the channel layer; contract/redis_clients.py
+# makes every client of it from the settings below.
 REDIS_URL = env.str("REDIS_URL", default=TOPOLOGY.redis_url)
+
+
+def sentinel_address(value):
+    """A Sentinel's "host:port", as redis-py takes it: (host, port)."""
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit():
+        raise ImproperlyConfigured(f"REDIS_SENTINELS: {value!r} is not host:port.")
+    return (host, int(port))
+
+
+# Redis with failover (REDIS_SENTINEL=1; README): clients ask these Sentinels which Redis is
+# the primary named REDIS_SENTINEL_MASTER, and ask again after a failover. REDIS_URL then
+# gives the database, password and TLS, not the address. Empty: REDIS_URL is the one Redis.
+REDIS_SENTINELS = [
+    sentinel_address(value)
+    for value in env.list(
+        "REDIS_SENTINELS", default=[f"127.0.0.1:{port}" for port in TOPOLOGY.sentinel_ports]
+    )
+    if TOPOLOGY.redis_sentinel
+]
+REDIS_SENTINEL_MASTER = TOPOLOGY.redis_sentinel_master
+# The channel layer's Redis servers (README, "Sharding the channel layer"): with more than
+# one, channels-redis spreads groups and channels over them; all else stays on REDIS_URL.
+CHANNEL_LAYER_HOSTS = env.list("CHANNEL_LAYER_HOSTS", default=[REDIS_URL])
 CHANNEL_LAYER_BACKENDS = {
     # channels-redis' list-based layer, surviving a Redis restart (contract/layers.py):
     # what this project ships. "pubsub" is for comparison (bench/fanout.py).
     "redis": "contract.layers.ResilientRedisChannelLayer",
     "pubsub": "channels_redis.pubsub.RedisPubSubChannelLayer",
 }
+CHANNEL_LAYER = env.str("CHANNEL_LAYER", default="redis")
+if REDIS_SENTINELS and (CHANNEL_LAYER_HOSTS != [REDIS_URL] or CHANNEL_LAYER != "redis"):
+    raise ImproperlyConfigured(
+        "REDIS_SENTINEL=1 watches one primary, REDIS_URL's: unset CHANNEL_LAYER_HOSTS and "
+        "CHANNEL_LAYER (sharding and the pubsub layer run without Sentinels here)."
+    )
 CHANNEL_LAYERS = {
     "default": {
-        "BACKEND": CHANNEL_LAYER_BACKENDS[env.str("CHANNEL_LAYER", default="redis")],
-        "CONFIG": {"hosts": [REDIS_URL]},
+        "BACKEND": CHANNEL_LAYER_BACKENDS[CHANNEL_LAYER],
+        "CONFIG": {"hosts": CHANNEL_LAYER_HOSTS},
     }
 }
 

@@ -6,6 +6,9 @@ each naming the host in the URL and connecting to 127.0.0.1.
 
     with Stack("cross-domain", tmp_path) as stack:
         session, key = stack.login()
+
+Stack("subdomain", tmp_path, scheme="https") runs it over TLS: its clients then verify the
+certificate against the CA the runtime made for it (Stack.ca_file), and nothing else.
 """
 
 import asyncio
@@ -13,10 +16,13 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -26,6 +32,7 @@ from typing import TypeVar
 
 import requests
 import websockets
+from requests.adapters import HTTPAdapter
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_USER, DEMO_PASSWORD = "demo", "demo-pass"
@@ -88,6 +95,31 @@ def wait_until(condition: Callable[[], T], timeout: float, message: str, interva
     return value
 
 
+class LoopbackAdapter(HTTPAdapter):
+    """
+    Connect to 127.0.0.1 whatever host the URL names, as a browser with --host-resolver-rules
+    does: cookies follow the named host's rules, and over HTTPS the certificate is checked
+    against that name.
+    """
+
+    def build_connection_pool_key_attributes(self, request, verify, cert=None):
+        host_params, pool_kwargs = super().build_connection_pool_key_attributes(
+            request, verify, cert
+        )
+        name, host_params["host"] = host_params["host"], "127.0.0.1"
+        if host_params["scheme"] == "https":
+            pool_kwargs.update(server_hostname=name, assert_hostname=name)
+        return host_params, pool_kwargs
+
+
+# Each mode's hosts, as the topology defaults them: every name under .localhost is this machine.
+HOSTS = {
+    "same-domain": ("app.localhost", "app.localhost"),
+    "cross-domain": ("app.localhost", "realtime.localhost"),
+    "subdomain": ("app.split.localhost", "rt.split.localhost"),
+}
+
+
 def port_is_free(port: int) -> bool:
     with socket.socket() as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -107,12 +139,54 @@ def free_base_port() -> int:
     raise RuntimeError("no free block of ports between 20000 and 45000")
 
 
+# Run as root, a PostgreSQL stack's state lives here: see reachable_state_dir.
+POSTGRES_STACKS = Path(tempfile.gettempdir()) / "split-stacks"
+
+
+def reachable_state_dir(state_dir: Path) -> Path:
+    """
+    Where a PostgreSQL stack keeps its state. Run as root, the runtime starts PostgreSQL as
+    the postgres user, which must reach STATE_DIR, and pytest keeps its folders 0700 (and
+    makes them so again at each session's start, a race with a stack already running). So
+    such a stack's state lives in a folder of its own in POSTGRES_STACKS, traversable (not
+    listable) by others, which `state_dir/state` links to; a stack started again on the same
+    state_dir finds it there. Folders whose link is gone (pytest removed old runs) go.
+    """
+    if os.geteuid() != 0 or state_dir.parent == POSTGRES_STACKS:
+        return state_dir
+    link = state_dir / "state"
+    if link.is_symlink():
+        return link.resolve()
+    POSTGRES_STACKS.mkdir(mode=0o711, exist_ok=True)
+    for folder in POSTGRES_STACKS.iterdir():
+        owner = folder / "owner"
+        if owner.exists() and not Path(owner.read_text()).is_symlink():
+            shutil.rmtree(folder, ignore_errors=True)
+    own = Path(tempfile.mkdtemp(prefix=f"{state_dir.name}-", dir=POSTGRES_STACKS))
+    own.chmod(0o701)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(own)
+    (own / "owner").write_text(str(link))  # after the link: a folder without one is not judged
+    return own
+
+
 class Stack:
     """A running split deployment; `with Stack(...) as stack:` starts it and stops it."""
 
-    def __init__(self, mode, state_dir, *, port=None, asgi_processes=2, env=None, limits=LOAD):
+    def __init__(
+        self,
+        mode,
+        state_dir,
+        *,
+        port=None,
+        asgi_processes=2,
+        env=None,
+        limits=LOAD,
+        scheme="http",
+    ):
         base_port = port or free_base_port()
         self.mode = mode
+        self.scheme = scheme
         self.state_dir = Path(state_dir)
         self.public_port = base_port
         self.gunicorn_port = base_port + 1
@@ -121,11 +195,11 @@ class Stack:
         self.metrics_port = base_port + 3
         self.redis_port = base_port + 20
         self.postgres_port = base_port + 25
-        self.app_host = "app.localhost"
-        self.realtime_host = "realtime.localhost" if mode == "cross-domain" else "app.localhost"
+        self.app_host, self.realtime_host = HOSTS[mode]
         self.env = dict(
             os.environ,
             SPLIT_MODE=mode,
+            PUBLIC_SCHEME=scheme,
             PUBLIC_PORT=str(self.public_port),
             GUNICORN_PORT=str(self.gunicorn_port),
             DAPHNE_PORT=str(self.daphne_ports[0]),
@@ -135,10 +209,14 @@ class Stack:
             METRICS_PORT=str(self.metrics_port),
             POSTGRES_PORT=str(self.postgres_port),
             STATE_DIR=str(self.state_dir),
+            # Every stack's database: STACK_DATABASE (sqlite or postgres; `make test` runs the
+            # stack suites once more with postgres), unless the test names one (env=).
+            DATABASE=os.environ.get("STACK_DATABASE", "sqlite"),
         )
         self.env.pop("SECRET_KEY", None)  # the runtime makes its own under STATE_DIR...
         self.env.update({k: str(v) for k, v in limits.items()})
         self.env.update({k: str(v) for k, v in (env or {}).items()})  # ...unless a test gives one
+        self.database = self.env["DATABASE"]
         self.process = None
         self.output = []
         self.secrets = set()  # every key or ticket a test sent: none may reach a log
@@ -151,14 +229,30 @@ class Stack:
 
     @property
     def app_origin(self):
-        return f"http://{self.app_host}:{self.public_port}"
+        return f"{self.scheme}://{self.app_host}:{self.public_port}"
 
     @property
     def realtime_origin(self):
-        return f"http://{self.realtime_host}:{self.public_port}"
+        return f"{self.scheme}://{self.realtime_host}:{self.public_port}"
+
+    @property
+    def ws_scheme(self):
+        return "wss" if self.scheme == "https" else "ws"
+
+    @property
+    def ca_file(self):
+        """The local CA the runtime made (PUBLIC_SCHEME=https): clients trust it, and only it."""
+        return self.state_dir / "tls" / "ca.pem"
+
+    def ssl_context(self):
+        """For websockets over TLS: verify the certificate against this stack's CA alone."""
+        return ssl.create_default_context(cafile=self.ca_file) if self.scheme == "https" else None
 
     def start(self, command=None, timeout=90):
         command = command or [sys.executable, "-m", "deploy.native"]
+        if self.database == "postgres":
+            self.state_dir = reachable_state_dir(self.state_dir)
+            self.env["STATE_DIR"] = str(self.state_dir)
         self.process = subprocess.Popen(
             command,
             cwd=ROOT,
@@ -242,16 +336,24 @@ class Stack:
 
     # HTTP, as the browser on APP_HOST.
 
-    def url(self, path):
-        return f"http://127.0.0.1:{self.public_port}{path}"
+    def url(self, path, host=None, port=None):
+        return f"{self.scheme}://{host or self.app_host}:{port or self.public_port}{path}"
 
     def http(self, session, method, path, host=None, **kwargs):
-        headers = {
-            "Host": f"{host or self.app_host}:{self.public_port}",
-            **kwargs.pop("headers", {}),
-        }
+        """A request to `host` (the app host by default) through 127.0.0.1, TLS verified."""
+        host = host or self.app_host
+        headers = {"Host": f"{host}:{self.public_port}", **kwargs.pop("headers", {})}
+        if not isinstance(session.adapters.get(f"{self.scheme}://"), LoopbackAdapter):
+            session.mount(f"{self.scheme}://", LoopbackAdapter())
+        if self.scheme == "https":
+            kwargs.setdefault("verify", str(self.ca_file))
         return session.request(
-            method, self.url(path), headers=headers, allow_redirects=False, timeout=10, **kwargs
+            method,
+            self.url(path, host),
+            headers=headers,
+            allow_redirects=False,
+            timeout=kwargs.pop("timeout", 10),
+            **kwargs,
         )
 
     def login(self, username=DEMO_USER, password=DEMO_PASSWORD):
@@ -264,6 +366,7 @@ class Stack:
             "POST",
             "/accounts/login/",
             data={"username": username, "password": password, "csrfmiddlewaretoken": token},
+            headers={"Origin": self.app_origin},  # as a browser's form sends it
         )
         assert response.status_code == 302, response.text
         key = session.cookies["sessionid"]
@@ -297,7 +400,9 @@ class Stack:
 
     def csrf_post(self, session, path, **kwargs):
         token = session.cookies.get("csrftoken") or self._csrf_token(session)
-        return self.http(session, "POST", path, headers={"X-CSRFToken": token}, **kwargs)
+        # With the Origin a browser's fetch() sends: over HTTPS Django wants it (or a Referer).
+        headers = {"X-CSRFToken": token, "Origin": self.app_origin, **kwargs.pop("headers", {})}
+        return self.http(session, "POST", path, headers=headers, **kwargs)
 
     def _csrf_token(self, session):
         self.http(session, "GET", "/")
@@ -306,7 +411,7 @@ class Stack:
     # Sockets, as the browser would open them.
 
     def ws_url(self, path, host=None):
-        return f"ws://{host or self.realtime_host}:{self.public_port}{path}"
+        return f"{self.ws_scheme}://{host or self.realtime_host}:{self.public_port}{path}"
 
     def connect(self, path, host=None, origin=None, cookie=None, port=None, **kwargs):
         """
@@ -318,8 +423,12 @@ class Stack:
             headers["Cookie"] = cookie
         origin = self.app_origin if origin is None else origin
         port = port or self.public_port
-        url = f"ws://{host or self.realtime_host}:{port}{path}"
+        # TLS ends at nginx: a Daphne process's own port speaks plain ws://.
+        scheme = self.ws_scheme if port == self.public_port else "ws"
+        url = f"{scheme}://{host or self.realtime_host}:{port}{path}"
         kwargs.setdefault("open_timeout", 10)
+        if scheme == "wss":
+            kwargs.setdefault("ssl", self.ssl_context())
         return websockets.connect(
             url,
             host="127.0.0.1",

@@ -184,6 +184,8 @@ def test_redis_outage_new_sockets_open_anonymous_unless_a_cookie_or_key(stack):
             "user": None,
             "authenticated": False,
             "auth": "none",
+            "cookies": [],
+            "origin": stack.app_origin,
         }
         frame = stack.whoami(query=f"session_key={key}", port=port)
         assert (frame["user"], frame["auth"]) == ("demo", "session_key")

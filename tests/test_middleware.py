@@ -25,6 +25,8 @@ def test_cookie_authenticates(session_key):
         "user": "alice",
         "authenticated": True,
         "auth": "cookie",
+        "cookies": ["sessionid"],  # names only, never values
+        "origin": "http://app.localhost:8000",
     }
 
 
@@ -34,7 +36,14 @@ def test_session_key_authenticates_without_cookie(session_key):
 
 
 def test_no_cookie_no_key_is_anonymous():
-    assert whoami() == {"type": "whoami", "user": None, "authenticated": False, "auth": "none"}
+    assert whoami() == {
+        "type": "whoami",
+        "user": None,
+        "authenticated": False,
+        "auth": "none",
+        "cookies": [],
+        "origin": "http://app.localhost:8000",
+    }
 
 
 def test_cookie_wins_over_key(session_key):

@@ -14,7 +14,14 @@ from tests.stack import Stack, wait_until
 def test_same_domain_cookie_is_known(same_stack):
     session, key = same_stack.login()
     frame = same_stack.whoami(cookie=f"sessionid={key}")
-    assert frame == {"type": "whoami", "user": "demo", "authenticated": True, "auth": "cookie"}
+    assert frame == {
+        "type": "whoami",
+        "user": "demo",
+        "authenticated": True,
+        "auth": "cookie",
+        "cookies": ["sessionid"],
+        "origin": same_stack.app_origin,
+    }
 
 
 def test_same_domain_straight_to_daphne_port_cookie_is_known(same_stack):
@@ -40,7 +47,14 @@ def same_domain_session_key_sockets(stack, key):
 def test_same_domain_session_key_is_off_by_default(same_stack):
     """Same-domain the cookie always arrives: a session key alone authenticates nobody."""
     session, key = same_stack.login()
-    anonymous = {"type": "whoami", "user": None, "authenticated": False, "auth": "none"}
+    anonymous = {
+        "type": "whoami",
+        "user": None,
+        "authenticated": False,
+        "auth": "none",
+        "cookies": [],
+        "origin": same_stack.app_origin,
+    }
     assert same_domain_session_key_sockets(same_stack, key) == [anonymous, anonymous]
     assert same_stack.whoami(cookie=f"sessionid={key}")["auth"] == "cookie"
 
@@ -62,6 +76,8 @@ def test_cross_domain_without_cookie_or_key_is_anonymous(cross_stack):
         "user": None,
         "authenticated": False,
         "auth": "none",
+        "cookies": [],  # the server says so: no cookie arrived on the other domain
+        "origin": cross_stack.app_origin,
     }
 
 

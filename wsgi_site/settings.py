@@ -20,6 +20,8 @@ MIDDLEWARE = [
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Last, so its process_exception is asked first: a view that finds the database away.
+    "wsgi_site.unavailable.DatabaseUnavailableMiddleware",
 ]
 ROOT_URLCONF = "wsgi_site.urls"
 WSGI_APPLICATION = "wsgi_site.wsgi.application"

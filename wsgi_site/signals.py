@@ -1,4 +1,7 @@
-"""Keep sockets in step with HTTP sessions: record whose a session is, end sockets on logout."""
+"""
+Keep sockets in step with HTTP sessions: record whose a session is; on logout and password
+change, revoke outstanding tickets and end sockets.
+"""
 
 import logging
 
@@ -9,6 +12,7 @@ from django.contrib.sessions.models import Session
 from django.db.models.signals import post_save
 from django.dispatch import receiver
 
+from contract import tickets
 from contract.groups import SESSION_EVENTS, session_end
 from contract.layers import LAYER_ERRORS
 
@@ -32,7 +36,15 @@ def end_sockets_of_session(sender, request, user, **kwargs):
 
 
 def end_sockets(event: dict) -> None:
-    """Send a session_end event (contract.groups): every Daphne process closes what it names."""
+    """
+    Revoke the tickets still outstanding for what a session_end event (contract.groups)
+    names, then send it: every Daphne process closes the sockets it names.
+    """
+    try:
+        tickets.revoke(session=event.get("session"), user=event.get("user"))
+    except LAYER_ERRORS as exc:
+        # They expire within WS_TICKET_TTL; a socket one opens ends at its next re-check.
+        logger.warning("tickets not revoked, Redis unreachable: %r", exc)
     try:
         async_to_sync(get_channel_layer().group_send)(SESSION_EVENTS, event)
     except LAYER_ERRORS as exc:

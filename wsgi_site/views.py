@@ -4,7 +4,7 @@ import logging
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.conf import settings
-from django.contrib.auth import logout
+from django.contrib.auth import BACKEND_SESSION_KEY, logout
 from django.contrib.sessions.models import Session
 from django.http import HttpRequest, JsonResponse
 from django.shortcuts import redirect, render
@@ -15,6 +15,7 @@ from contract import history, paths, tickets
 from contract.groups import LIVE_GROUP, announcement, clean_text, session_end
 from contract.layers import LAYER_ERRORS, UNAVAILABLE
 
+from . import metrics
 from .models import UserSession
 from .signals import end_sockets
 
@@ -26,9 +27,14 @@ def socket_rows(request):
     topology = settings.TOPOLOGY
     whoami = f"{topology.socket_base}{paths.WHOAMI}"
     you = "you" if request.user.is_authenticated else "anonymous"
-    if not topology.cross_domain:
+    if topology.mode == "subdomain":
+        # The cookie is scoped to the parent domain, so it reaches the socket host.
+        name = f"Realtime subdomain, cookie for {topology.cookie_domain}"
+        return [{"name": name, "url": whoami, "expect": you}]
+    if topology.mode == "same-domain":
         rows = [{"name": "Through nginx: /ws/ on the app host", "url": whoami, "expect": you}]
-        if settings.DEMO_DIRECT_DAPHNE:
+        # Daphne's own port speaks plain ws://, which an https:// page may not open.
+        if settings.DEMO_DIRECT_DAPHNE and not topology.tls:
             direct = f"ws://{topology.app_host}:{settings.DEMO_DAPHNE_PORT}{paths.WHOAMI}"
             rows.append(
                 {
@@ -79,6 +85,7 @@ def live_socket(request):
 def home(request):
     demo = {
         "mode": settings.TOPOLOGY.mode,
+        "cookie_domain": settings.TOPOLOGY.cookie_domain,
         "rows": socket_rows(request),
         "live": live_socket(request),
         "ticket_url": reverse("ws-ticket"),
@@ -127,6 +134,7 @@ def announce(request: HttpRequest) -> JsonResponse:
         logger.warning("announcement not sent, channel layer unreachable: %r", exc)
         history.discard(LIVE_GROUP, event["id"])
         return unavailable()
+    metrics.ANNOUNCEMENTS.inc()
     return JsonResponse({"sent": True, "id": event["id"]})
 
 
@@ -140,10 +148,18 @@ def ws_ticket(request: HttpRequest) -> JsonResponse:
         choices = ", ".join(paths.SOCKET_PATHS)
         return JsonResponse({"error": f"path must be one of {choices}"}, status=400)
     try:
-        ticket = tickets.mint(request.session.session_key, path)
+        # Who the ticket is for travels sealed in it: Daphne redeems it with no query.
+        ticket = tickets.mint(
+            request.session.session_key,
+            path,
+            user_pk=request.user.pk,
+            username=request.user.get_username(),
+            backend=request.session.get(BACKEND_SESSION_KEY),
+        )
     except LAYER_ERRORS as exc:
         logger.warning("ticket not minted, Redis unreachable: %r", exc)
         return unavailable()
+    metrics.TICKETS_MINTED.inc()
     return JsonResponse(
         {
             "ticket": ticket,

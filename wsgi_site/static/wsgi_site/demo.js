@@ -1,43 +1,18 @@
 // The demo panel: open /ws/whoami/ each way the config lists and show what the server says,
-// and a live feed that reconnects by itself. Text reaches the page through textContent only.
-"use strict";
+// and a live feed that keeps itself connected. Every socket is a RealtimeSocket
+// (realtime.js): this file only shows what they report. Text reaches the page through
+// textContent only.
+
+import { RealtimeSocket, SESSION_ENDED, fetchTicket } from "./realtime.js";
 
 const config = JSON.parse(document.getElementById("demo-config").textContent);
-const SUBPROTOCOL = "realtime";
-const SESSION_ENDED = 4401;
 const csrfToken = () => document.querySelector("[name=csrfmiddlewaretoken]").value;
+const secretParams = ["ticket", config.secret_param];
+const NOT_SENT = "—"; // a whoami field the server did not send
 
-// Show where a socket's credential travels, without the credential.
-function masked(url, protocols) {
-  const u = new URL(url);
-  for (const name of [config.secret_param, "ticket"]) {
-    if (u.searchParams.has(name)) u.searchParams.set(name, "***");
-  }
-  const header = protocols.map((p) => (p === SUBPROTOCOL ? p : p.replace(/\..*/, ".***")));
-  return header.length > 1 ? `${u}  Sec-WebSocket-Protocol: ${header.join(", ")}` : `${u}`;
-}
-
-// A fresh single-use ticket from the app host, for a socket on `path`.
-async function ticketFor(path) {
-  const response = await fetch(config.ticket_url, {
-    method: "POST",
-    headers: { "Content-Type": "application/json", "X-CSRFToken": csrfToken() },
-    body: JSON.stringify({ path }),
-  });
-  if (!response.ok) throw new Error(`ticket refused: ${response.status}`);
-  return (await response.json()).ticket;
-}
-
-// Where and how to open a socket described by {url, ticket: "query"|"header"|undefined, protocols}.
-async function socketArgs(spec) {
-  let url = spec.url;
-  const protocols = [SUBPROTOCOL, ...(spec.protocols || [])];
-  if (spec.ticket) {
-    const ticket = await ticketFor(new URL(url).pathname);
-    if (spec.ticket === "query") url += `?ticket=${ticket}`;
-    else protocols.push(`ticket.${ticket}`);
-  }
-  return [url, protocols];
+// Where a socket's credential travels, without the credential.
+function describe({ url, protocols }) {
+  return protocols.length > 1 ? `${url}  Sec-WebSocket-Protocol: ${protocols.join(", ")}` : url;
 }
 
 function cell(row, text, className) {
@@ -47,6 +22,21 @@ function cell(row, text, className) {
   return td;
 }
 
+// The socket of a panel row, opened once: {url, expect, ticket: "header"|"query"|undefined,
+// protocols}. A ticket in the header is the module's own way; in the query string the page
+// puts it there itself, to show that way: the module never puts a credential in a URL.
+async function rowSocket(spec) {
+  const options = { reconnect: false, protocols: spec.protocols || [], secretParams };
+  let url = spec.url;
+  if (spec.ticket === "header") Object.assign(options, { ticketUrl: config.ticket_url, csrfToken });
+  if (spec.ticket === "query") {
+    const query = new URL(url);
+    query.searchParams.set("ticket", await fetchTicket(config.ticket_url, query.pathname, csrfToken()));
+    url = query.toString();
+  }
+  return new RealtimeSocket(url, options);
+}
+
 async function probe(spec) {
   const row = document.querySelector("#sockets tbody").insertRow();
   row.dataset.state = "pending";
@@ -54,40 +44,63 @@ async function probe(spec) {
   const where = cell(row, "").appendChild(document.createElement("code"));
   cell(row, spec.expect, "expect");
   const result = cell(row, "connecting…", "result");
+  const cookies = cell(row, "", "cookies");
+  const origin = cell(row, "", "origin");
   const verdict = cell(row, "", "verdict");
 
-  const [url, protocols] = await socketArgs(spec);
-  where.textContent = masked(url, protocols);
-  const ws = new WebSocket(url, protocols);
-  ws.onmessage = (event) => {
-    const who = JSON.parse(event.data);
+  function refused(text) {
+    row.dataset.state = "refused";
+    result.textContent = text;
+    verdict.textContent = "✗";
+  }
+
+  let socket;
+  try {
+    socket = await rowSocket(spec);
+  } catch (error) {
+    return refused(`cannot connect: ${error.message}`);
+  }
+  socket.addEventListener("open", ({ detail }) => { where.textContent = describe(detail.endpoint); });
+  socket.addEventListener("error", ({ detail }) => {
+    if (row.dataset.state === "pending") refused(`cannot connect: ${detail.error}`);
+  });
+  socket.addEventListener("message", ({ detail: who }) => {
     const seen = who.authenticated ? "you" : "anonymous";
     result.textContent = who.authenticated ? `${who.user} (auth: ${who.auth})` : "anonymous";
+    // What reached the server: cookie names (never values) and the Origin header.
+    cookies.textContent = Array.isArray(who.cookies) ? who.cookies.join(", ") || "none" : NOT_SENT;
+    origin.textContent = who.origin === undefined ? NOT_SENT : who.origin ?? "none";
     row.dataset.state = seen === spec.expect ? "ok" : "mismatch";
     verdict.textContent = seen === spec.expect ? "✓ as expected" : "✗ not as expected";
-  };
-  ws.onclose = (event) => {
-    row.dataset.closed = event.code;
-    if (row.dataset.state === "pending") {
-      row.dataset.state = "refused";
-      result.textContent = `refused (close code ${event.code})`;
-      verdict.textContent = "✗";
-    } else {
-      const why = event.code === SESSION_ENDED ? "session ended" : "closed";
-      verdict.textContent += ` · ${why} (close code ${event.code})`;
-    }
-  };
+  });
+  socket.addEventListener("close", ({ detail: { code, endpoint } }) => {
+    where.textContent = describe(endpoint);
+    row.dataset.closed = code;
+    if (row.dataset.state === "pending") return refused(`refused (close code ${code})`);
+    const why = code === SESSION_ENDED ? "session ended" : "closed";
+    verdict.textContent += ` · ${why} (close code ${code})`;
+  });
+}
+
+// What the live feed's status line says in each state.
+function statusText({ state, code, reason, delay }) {
+  const closed = code === null ? reason || "not connected" : `closed (close code ${code})`;
+  if (state === "open") return "connected";
+  if (state === "connecting") return "connecting…";
+  if (state === "reconnecting") return `${closed}, reconnecting in ${(delay / 1000).toFixed(1)} s`;
+  if (state === "ended") return `${closed}: your session ended, log in again`;
+  return closed;
 }
 
 function liveFeed() {
   const status = document.getElementById("live-status");
   const feed = document.getElementById("feed");
   const form = document.getElementById("live-form");
-  let ws = null;
-  let attempt = 0;
-  // The id of the last announcement or message shown: a reconnect asks for what came after
-  // it (?since=), so nothing is missed or shown twice while the socket was down.
-  let lastId = null;
+  const socket = new RealtimeSocket(config.live.url, {
+    ticketUrl: config.live.ticket ? config.ticket_url : null,
+    csrfToken,
+    secretParams,
+  });
 
   function note(type, text) {
     const li = feed.appendChild(document.createElement("li"));
@@ -96,49 +109,25 @@ function liveFeed() {
     return li;
   }
 
-  // The server no longer holds everything since lastId: say so, and offer a reload.
-  function gap() {
+  socket.addEventListener("statechange", ({ detail }) => { status.textContent = statusText(detail); });
+  socket.addEventListener("message", ({ detail: msg }) => {
+    note(msg.type, msg.type === "error" ? `error: ${msg.error}` : `${msg.type} from ${msg.user}: ${msg.text}`);
+  });
+  // The server no longer holds everything since the last id seen: say so, and offer a reload.
+  socket.addEventListener("gap", () => {
     const li = note("gap", "Some messages were missed while disconnected. ");
     const reload = li.appendChild(document.createElement("a"));
     reload.href = "";
     reload.textContent = "Reload the page";
     reload.addEventListener("click", (event) => { event.preventDefault(); location.reload(); });
-  }
-
-  async function connect() {
-    try {
-      const since = lastId === null ? "" : `?since=${encodeURIComponent(lastId)}`;
-      const [url, protocols] = await socketArgs({ ...config.live, url: config.live.url + since });
-      ws = new WebSocket(url, protocols);
-    } catch (error) {
-      status.textContent = `cannot connect: ${error.message}`;
-      return;
-    }
-    ws.onopen = () => { attempt = 0; status.textContent = "connected"; };
-    ws.onmessage = (event) => {
-      const msg = JSON.parse(event.data);
-      if (msg.type === "gap") return gap();
-      if (msg.id) lastId = msg.id;
-      note(msg.type, msg.type === "error" ? `error: ${msg.error}` : `${msg.type} from ${msg.user}: ${msg.text}`);
-    };
-    ws.onclose = (event) => {
-      if (event.code === SESSION_ENDED) {
-        status.textContent = `closed (close code ${event.code}): your session ended, log in again`;
-        return;
-      }
-      // Daphne restarted or the network dropped: back off exponentially, with jitter so a
-      // restart does not bring every client back in the same instant.
-      const delay = Math.min(30000, 500 * 2 ** attempt++) * (0.5 + Math.random());
-      status.textContent = `closed (close code ${event.code}), reconnecting in ${(delay / 1000).toFixed(1)} s`;
-      setTimeout(connect, delay);
-    };
-  }
+  });
+  socket.addEventListener("too-big", ({ detail }) => note("error", `error: message too big (${detail.reason})`));
 
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
     const text = form.elements.text.value;
     if (event.submitter && event.submitter.value === "socket") {
-      ws.send(JSON.stringify({ text }));
+      if (!socket.send({ text })) note("error", "error: not connected, nothing sent");
     } else {
       const response = await fetch("/announce/", {
         method: "POST",
@@ -149,7 +138,6 @@ function liveFeed() {
     }
     form.elements.text.value = "";
   });
-  connect();
 }
 
 config.rows.forEach(probe);

@@ -1,0 +1,116 @@
+"""
+Every Redis client the project makes, built from settings here and nowhere else: the clients
+of tickets, history and socket upkeep (REDIS_URL), and the channel layer's connection pools
+(CHANNEL_LAYER_HOSTS, contract.layers).
+
+With REDIS_SENTINELS set (Redis with failover), a client asks the Sentinels which Redis is the
+primary of REDIS_SENTINEL_MASTER each time it opens a connection, so once they have promoted
+a replica the next connection goes to it: no process restarts. REDIS_URL then gives the
+database, password and TLS, not the address.
+"""
+
+import asyncio
+import functools
+import weakref
+from typing import Any
+
+import redis
+import redis.asyncio
+import redis.asyncio.retry
+import redis.asyncio.sentinel
+import redis.retry
+import redis.sentinel
+from django.conf import settings
+from redis.backoff import NoBackoff
+from redis.connection import parse_url
+
+# Seconds: an unreachable Redis gets a prompt 503 or an anonymous socket, not a hang.
+TIMEOUT = 2
+CLIENT_OPTIONS: dict[str, Any] = {"socket_timeout": TIMEOUT, "socket_connect_timeout": TIMEOUT}
+# Connections of one asyncio client; past them a command waits (up to TIMEOUT) for a free one.
+POOL_SIZE = 100
+
+
+def _primary_options(url: str) -> dict[str, Any]:
+    """What a Sentinel-found primary takes from `url`: all but the address."""
+    options = parse_url(url)
+    for name in ("host", "port", "path", "connection_class"):
+        options.pop(name, None)
+    # redis-py's Sentinel pools pick their TLS connection class from this flag.
+    options["ssl"] = url.startswith("rediss://")
+    return options
+
+
+def _reconnect_once(retry_class):
+    # A pooled connection that Redis closed (it restarted, or died and the Sentinels named
+    # another primary) fails its next command: retry that once, at once, on a new connection,
+    # or the first command after every restart or failover fails. A timeout is not retried:
+    # an unreachable Redis still answers within the client's timeout.
+    return retry_class(NoBackoff(), 1, supported_errors=(redis.ConnectionError,))
+
+
+def _sentinel_options(retry_class) -> dict[str, Any]:
+    # For the Sentinels themselves: one that is down is skipped at once, not retried with
+    # redis-py's default backoff (10 tries) before the next one is asked.
+    return {**CLIENT_OPTIONS, "retry": retry_class(NoBackoff(), 0)}
+
+
+@functools.cache
+def sync_client() -> redis.Redis:
+    """The client of the HTTP side (and of any sync code): one per process, thread-safe."""
+    retry = _reconnect_once(redis.retry.Retry)
+    if not settings.REDIS_SENTINELS:
+        return redis.Redis.from_url(settings.REDIS_URL, retry=retry, **CLIENT_OPTIONS)
+    sentinel = redis.sentinel.Sentinel(
+        settings.REDIS_SENTINELS, sentinel_kwargs=_sentinel_options(redis.retry.Retry)
+    )
+    options = {**CLIENT_OPTIONS, **_primary_options(settings.REDIS_URL)}
+    return sentinel.master_for(settings.REDIS_SENTINEL_MASTER, retry=retry, **options)
+
+
+# One client per event loop: an asyncio connection cannot move between loops.
+_async_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, redis.asyncio.Redis] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def async_client() -> redis.asyncio.Redis:
+    """The client of the socket side, for the running event loop."""
+    loop = asyncio.get_running_loop()
+    if loop not in _async_clients:
+        # Blocking: redis-py's stock pool raises MaxConnectionsError on the 101st concurrent
+        # command, which a burst of handshakes (each counting its user's sockets) reaches.
+        pool = blocking_pool(
+            settings.REDIS_URL, max_connections=POOL_SIZE, timeout=TIMEOUT, **CLIENT_OPTIONS
+        )
+        _async_clients[loop] = redis.asyncio.Redis.from_pool(pool)
+    return _async_clients[loop]
+
+
+class BlockingSentinelConnectionPool(
+    redis.asyncio.sentinel.SentinelConnectionPool, redis.asyncio.BlockingConnectionPool
+):
+    """redis-py's Sentinel pool, that waits for a free connection instead of raising."""
+
+
+def blocking_pool(url: str, **options) -> redis.asyncio.ConnectionPool:
+    """
+    An asyncio pool for `url` (with Sentinels: for the primary) that makes a command wait
+    for a free connection when all are busy. `options` are those of BlockingConnectionPool;
+    options in the URL's query string win over them, as in redis-py's from_url.
+    """
+    if not settings.REDIS_SENTINELS:
+        options.setdefault("retry", _reconnect_once(redis.asyncio.retry.Retry))
+        return redis.asyncio.BlockingConnectionPool.from_url(url, **options)
+    return _async_pool(url, pool_class=BlockingSentinelConnectionPool, **options)
+
+
+def _async_pool(url, pool_class=redis.asyncio.sentinel.SentinelConnectionPool, **options):
+    # A Sentinel client per pool: like the pool's connections, its own belong to one loop.
+    sentinel = redis.asyncio.sentinel.Sentinel(
+        settings.REDIS_SENTINELS,
+        sentinel_kwargs=_sentinel_options(redis.asyncio.retry.Retry),
+    )
+    retry = _reconnect_once(redis.asyncio.retry.Retry)
+    options = {"retry": retry, **options, **_primary_options(url)}
+    return pool_class(settings.REDIS_SENTINEL_MASTER, sentinel, **options)
