@@ -54,9 +54,13 @@ class SessionAuthMiddleware:
     """
     Populate scope["user"] from the session the socket brings: the cookie's, else a
     ticket's, else a session key's; scope["session"] becomes that session, and
-    scope["auth"] says which ("cookie", "ticket", "session_key" or "none"). Each session
-    is checked as Django's get_user checks it, SECRET_KEY_FALLBACKS included, in one
-    database round trip. Runs inside SessionMiddleware, in place of Channels' AuthMiddleware.
+    scope["auth"] says which ("cookie", "ticket", "session_key" or "none"). A cookie's or
+    session key's session is checked as Django's get_user checks it, SECRET_KEY_FALLBACKS
+    included, in one database round trip. A ticket is not: it was minted for a logged-in
+    session at most WS_TICKET_TTL ago, and logout and password changes revoke it
+    (contract.tickets), so it costs no query; a session deleted otherwise, or a user
+    deactivated, within that window is caught by the socket's first re-check. Runs inside
+    SessionMiddleware, in place of Channels' AuthMiddleware.
     """
 
     def __init__(self, inner):

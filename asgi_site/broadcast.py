@@ -49,7 +49,8 @@ class Broadcast:
         self.joined = False  # the channel is in the group, as far as this process knows
         self.lock = asyncio.Lock()  # one join or leave at a time
         self.listener: asyncio.Task | None = None
-        self.leaving: asyncio.Task | None = None
+        # Leaves under way: asyncio keeps only weak references to tasks, so these are held.
+        self.leaving: set[asyncio.Task] = set()
 
     async def add(self, consumer: Any) -> bool:
         """Hand `consumer` this group's events from now on; False if Redis was unreachable."""
@@ -61,7 +62,9 @@ class Broadcast:
     def discard(self, consumer: Any) -> None:
         """Hand `consumer` nothing more; the process leaves the group with its last socket."""
         if self.members.pop(consumer, False) is None and not self.members:
-            self.leaving = asyncio.create_task(self.leave())
+            task = asyncio.create_task(self.leave())
+            self.leaving.add(task)
+            task.add_done_callback(self.leaving.discard)
 
     async def join(self, again: bool = False) -> bool:
         """Put this process's channel in the group, once (`again`: even if it is there)."""
@@ -96,7 +99,13 @@ class Broadcast:
     async def listen(self, layer: Any, channel: str) -> None:
         """Hand every event sent to the group to every socket here in it, in arrival order."""
         while True:
-            await self.deliver(await layer.receive(channel))
+            event = await layer.receive(channel)
+            try:
+                await self.deliver(event)
+            except Exception:
+                # The listener must outlive any one event, or this process's sockets would
+                # silently get nothing more while it stays in the group.
+                logger.exception("group event not delivered")
 
     async def deliver(self, event: dict) -> None:
         delivery = Delivery(event)

@@ -13,14 +13,12 @@ are in nginx's access log instead.
 """
 
 import time
-from collections.abc import Callable
 from typing import Any
 
 from django.dispatch import receiver
 from django.http.request import split_domain_port
 from prometheus_client import Counter, Gauge, Histogram
 
-from contract.history import parse_id
 from contract.layers import outage_changed
 
 SOCKETS_OPEN = Gauge(
@@ -71,9 +69,6 @@ RECHECK_SECONDS = Histogram(
 KNOWN_CLOSE_CODES = {1000, 1001, 1005, 1006, 1009, 1011, 1012, 4401, 4409, 4429}
 # Why a socket was closed as it opened, by close code (asgi_site.consumers).
 CLOSE_REASONS = {4401: "session_ended", 4409: "too_many_sockets"}
-# An event not handed to every socket here within this long (one closed, or joined after
-# it was sent) is dropped from the fan-out timing.
-FANOUT_PATIENCE_SECONDS = 60
 
 
 def refused(reason: str) -> None:
@@ -116,40 +111,6 @@ def gone(labels: tuple[str, str] | None) -> None:
     """Take a socket out of SOCKETS_OPEN, once, if handshake() put it in."""
     if labels is not None:
         SOCKETS_OPEN.labels(*labels).dec()
-
-
-class FanOut:
-    """
-    Per process, the time from an event's record (the milliseconds of its history id,
-    Redis' clock) to when the last of this process's sockets in the group was handed it.
-    """
-
-    def __init__(self) -> None:
-        # event id -> [sockets here still to hand it to, when first seen]
-        self.pending: dict[str, list[float]] = {}
-
-    def handed(self, event: dict, members: Callable[[], int]) -> None:
-        """One socket here has the event; `members()` counts the group's sockets here."""
-        event_id = event.get("id")
-        stream_id = parse_id(event_id)
-        if not isinstance(event_id, str) or stream_id is None:
-            return  # not recorded: no time to measure from
-        now = time.monotonic()
-        if event_id not in self.pending:
-            self.pending = {
-                key: entry
-                for key, entry in self.pending.items()
-                if now - entry[1] < FANOUT_PATIENCE_SECONDS
-            }
-            self.pending[event_id] = [members(), now]
-        entry = self.pending[event_id]
-        entry[0] -= 1
-        if entry[0] <= 0:
-            del self.pending[event_id]
-            FANOUT_SECONDS.observe(max(time.time() - stream_id[0] / 1000, 0.0))
-
-
-fanout = FanOut()
 
 
 @receiver(outage_changed)

@@ -96,10 +96,12 @@ def check_ports(topology):
         for offset, port in enumerate(topology.sentinel_ports, 2):
             ports[f"REDIS_PORT (+{offset}, Sentinel)"] = port
     for name, port in ports.items():
+        public = name.startswith("PUBLIC_")
+        address = topology.public_bind_address if public else topology.bind_address
         with socket.socket() as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
-                probe.bind((topology.bind_address, port))
+                probe.bind((address, port))
             except OSError:
                 sys.exit(
                     f"Port {port} ({name}) is in use: stop what holds it, or set {name.split()[0]}."
@@ -142,7 +144,7 @@ def render(template, topology):
         "topology": topology,
         "limits": LIMITS,
         "postgres": postgres_program(topology),
-        "listen": f"{topology.bind_address}:{topology.public_port}"
+        "listen": f"{topology.public_bind_address}:{topology.public_port}"
         + (" ssl" if topology.tls else ""),
         "hsts": HSTS if topology.tls else "",
         "root": ROOT,

@@ -21,6 +21,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import environ
 import psycopg
 
 # The database and its owner, as the compose env files name them.
@@ -51,9 +52,12 @@ def connections_bound(asgi_processes, env):
     x connections per process (1 persistent, or the pool's DATABASE_POOL_SIZE), as
     shared_settings.base configures them from the same variables.
     """
-    pooled = env.get("DATABASE_POOL", "false").lower() in ("true", "1", "yes", "on")
-    per_process = int(env.get("DATABASE_POOL_SIZE", "4")) if pooled else 1
-    return (int(env.get("WEB_CONCURRENCY", "2")) + asgi_processes) * per_process
+    # Read as shared_settings.base reads them (django-environ), so both agree on every spelling.
+    values = environ.Env()
+    values.ENVIRON = env
+    pooled = values.bool("DATABASE_POOL", default=False)
+    per_process = values.int("DATABASE_POOL_SIZE", default=4) if pooled else 1
+    return (values.int("WEB_CONCURRENCY", default=2) + asgi_processes) * per_process
 
 
 def check_connections(topology, env):

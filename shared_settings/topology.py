@@ -48,6 +48,9 @@ class Topology:
     # Where the metrics exporter listens (BIND_ADDRESS): never routed by nginx.
     metrics_port: int
     bind_address: str
+    # Where nginx listens (PUBLIC_BIND_ADDRESS, by default BIND_ADDRESS): the one address to
+    # open to the world. Gunicorn, Daphne, Redis and the metrics exporter stay on BIND_ADDRESS.
+    public_bind_address: str
     state_dir: Path
     # The port that answers plain HTTP: PUBLIC_PORT itself, or beside HTTPS a redirect to it.
     public_http_port: int
@@ -63,7 +66,7 @@ class Topology:
     database: str = "sqlite"
     postgres_port: int = 5433
     # The server's max_connections: the runner refuses a topology whose processes could
-    # open more (shared_settings.base.database_connections_bound).
+    # open more (deploy.postgres.connections_bound).
     postgres_max_connections: int = 100
 
     @classmethod
@@ -91,6 +94,7 @@ class Topology:
         certificate, key = env.str("TLS_CERT_FILE", default=""), env.str("TLS_KEY_FILE", default="")
         if bool(certificate) != bool(key):
             raise ImproperlyConfigured("Set both TLS_CERT_FILE and TLS_KEY_FILE, or neither.")
+        bind_address = env.str("BIND_ADDRESS", default="127.0.0.1")
         return cls(
             mode=mode,
             scheme=scheme,
@@ -104,7 +108,8 @@ class Topology:
             redis_sentinel=env.bool("REDIS_SENTINEL", default=False),
             redis_sentinel_master=env.str("REDIS_SENTINEL_MASTER", default="split"),
             metrics_port=env.int("METRICS_PORT", default=9400),
-            bind_address=env.str("BIND_ADDRESS", default="127.0.0.1"),
+            bind_address=bind_address,
+            public_bind_address=env.str("PUBLIC_BIND_ADDRESS", default=bind_address),
             state_dir=state_dir,
             public_http_port=http_port,
             cookie_domain=cookie_domain,
@@ -239,6 +244,12 @@ def session_cookie_domain(mode, app_host, realtime_host, env):
     domain = env.str("SESSION_COOKIE_DOMAIN", default="") or parent
     if not domain:
         return None
+    if "." not in domain.strip("."):
+        # Browsers treat a single label (.com, .localhost) as a public suffix: no cookie.
+        raise ImproperlyConfigured(
+            f"SESSION_COOKIE_DOMAIN={domain} is a single label, for which browsers refuse "
+            "cookies: set it to the parent domain of both hosts, such as .example.com."
+        )
     if not domain_match(app_host, domain):
         raise ImproperlyConfigured(
             f"SESSION_COOKIE_DOMAIN={domain} does not cover APP_HOST={app_host}: "

@@ -4,6 +4,7 @@ cannot reach, so it is on by default cross-domain and off by default same-domain
 """
 
 import os
+import re
 import subprocess
 import sys
 
@@ -65,3 +66,20 @@ def test_same_domain_panel_never_shows_a_session_key(settings, alice, fallback):
     assert not [row for row in rows if "session_key" in repr(row) or "protocols" in row]
     request.user = AnonymousUser()
     assert all(row["expect"] == "anonymous" for row in socket_rows(request))
+
+
+def test_only_nginx_listens_on_the_public_address(tmp_path):
+    """PUBLIC_BIND_ADDRESS opens nginx to the world; every other server stays on BIND_ADDRESS."""
+    from deploy.native import render
+
+    for scheme in ("http", "https"):
+        topology = Topology.from_env(
+            {"PUBLIC_BIND_ADDRESS": "0.0.0.0", "PUBLIC_SCHEME": scheme, "STATE_DIR": str(tmp_path)}
+        )
+        listens = re.findall(
+            r"^\s*listen (\S+)", render("nginx/native.conf.template", topology), re.M
+        )
+        assert len(listens) >= 2 and all(a.startswith("0.0.0.0:") for a in listens), listens
+        assert "0.0.0.0" not in render("deploy/supervisord.conf.template", topology)
+        # Gunicorn, Daphne and the exporter read BIND_ADDRESS from the environment they get.
+        assert topology.as_env()["BIND_ADDRESS"] == "127.0.0.1"

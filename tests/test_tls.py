@@ -383,6 +383,16 @@ def test_subdomain_defaults_scope_the_cookie_to_the_parent_domain():
             {"SPLIT_MODE": "subdomain", "REALTIME_HOST": "app.split.localhost"},
             "that is SPLIT_MODE=same-domain",
         ),
+        (
+            {"SPLIT_MODE": "subdomain", "APP_HOST": "example.com",
+             "REALTIME_HOST": "rt.example.com"},
+            "SESSION_COOKIE_DOMAIN=.com is a single label",
+        ),
+        (
+            {"SPLIT_MODE": "subdomain", "APP_HOST": "app.localhost",
+             "REALTIME_HOST": "rt.localhost"},
+            "SESSION_COOKIE_DOMAIN=.localhost is a single label",
+        ),
         ({"PUBLIC_SCHEME": "ftp"}, "PUBLIC_SCHEME='ftp' is not one of http, https."),
     ],
 )  # fmt: skip

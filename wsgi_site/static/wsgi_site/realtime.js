@@ -167,10 +167,11 @@ export class RealtimeSocket extends EventTarget {
       }
       if (generation !== this.#generation) return;
     }
-    const url = this.#url();
-    this.#endpoint = masked(url, protocols, this.#options.secretParams);
     let ws;
     try {
+      // Inside the try: new URL() in both throws on a malformed URL, quoting it.
+      const url = this.#url();
+      this.#endpoint = masked(url, protocols, this.#options.secretParams);
       ws = new WebSocket(url, protocols);
     } catch {
       // A malformed URL or subprotocol: no retry can fix it. The browser's message would
