@@ -232,7 +232,8 @@ TIPS = {
     ),
     "subdomain": (
         "The session cookie is scoped to {domain}, so it reaches the socket host too:\n"
-        "  the panel's socket is known by its cookie alone. So does every other subdomain."
+        "  the panel's socket is known by its cookie alone. (It reaches every other\n"
+        "  subdomain too: the cost of this mode.)"
     ),
 }
 
