@@ -9,10 +9,12 @@ SessionAuthMiddleware loads the session it names. Precedence: a cookie that give
 a logged-in user, then a ticket, then the session key.
 """
 
+import contextlib
 import logging
 import re
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterable
 from importlib import import_module
 from typing import Any
 from urllib.parse import parse_qsl
@@ -27,14 +29,17 @@ from django.contrib.auth import (
     get_user_model,
     load_backend,
 )
+from django.contrib.auth.backends import ModelBackend
 from django.contrib.auth.base_user import AbstractBaseUser
 from django.contrib.auth.models import AnonymousUser
 from django.contrib.sessions.backends.base import VALID_KEY_CHARS, SessionBase
 from django.db import DatabaseError
+from django.utils import timezone
 from django.utils.crypto import constant_time_compare
 from redis.exceptions import RedisError
 
-from contract import tickets
+from contract import tickets, user_sockets
+from contract.batching import batched
 
 from . import metrics
 
@@ -46,6 +51,7 @@ logger = logging.getLogger(__name__)
 SESSION_KEY_RE = re.compile(f"[{VALID_KEY_CHARS}]{{8,40}}")
 # A handshake carries a handful of parameters; more than this is an attack on the parser.
 MAX_QUERY_FIELDS = 20
+IN_CLAUSE = 500  # session keys per query, well under every database's parameter limit
 
 Scope = dict[str, Any]
 
@@ -56,11 +62,14 @@ class SessionAuthMiddleware:
     ticket's, else a session key's; scope["session"] becomes that session, and
     scope["auth"] says which ("cookie", "ticket", "session_key" or "none"). A cookie's or
     session key's session is checked as Django's get_user checks it, SECRET_KEY_FALLBACKS
-    included, in one database round trip. A ticket is not: it was minted for a logged-in
-    session at most WS_TICKET_TTL ago, and logout and password changes revoke it
-    (contract.tickets), so it costs no query; a session deleted otherwise, or a user
-    deactivated, within that window is caught by the socket's first re-check. Runs inside
-    SessionMiddleware, in place of Channels' AuthMiddleware.
+    included; the sessions of every handshake waiting at once are read together, in one hop
+    to the database thread. A ticket is not: it was minted for a logged-in session at most
+    WS_TICKET_TTL ago, and logout and password changes revoke it (contract.tickets), so it
+    costs no query; a session deleted otherwise, or a user deactivated, within that window
+    is caught by the socket's first re-check. Its redemption counts the socket against its
+    user's cap in the same Redis script, and scope["counted"] says so: (the count's key,
+    the socket id, admitted), for the consumer. Runs inside SessionMiddleware, in place of
+    Channels' AuthMiddleware.
     """
 
     def __init__(self, inner):
@@ -94,13 +103,18 @@ async def authenticate(
     """Return (session, source, user): precedence is the cookie, a ticket, the session key."""
     # No cookie, no round trip: cross-domain sockets never bring one.
     if settings.SESSION_COOKIE_NAME in scope["cookies"]:
-        user = await session_user(scope["session"])
+        session_key = scope["session"].session_key  # None if the cookie is malformed
+        user = await session_user(session_key) if session_key else None
         if user is not None:
             return scope["session"], "cookie", user
     grant = await ticket_grant(scope)
     # Minted for a logged-in user, and revoked if that ended (contract.tickets): no query.
     if grant and grant.username and grant.backend in settings.AUTHENTICATION_BACKENDS:
         return session_store(grant.session_key), "ticket", TicketUser(grant)
+    if scope.get("counted"):  # counted for a user we do not take from the ticket after all
+        key, socket_id, _ = scope.pop("counted")
+        with contextlib.suppress(RedisError):
+            await user_sockets.uncount(key, socket_id)
     fallbacks = [  # (scope["auth"], the name refusals are logged under, the session key)
         ("ticket", "ticket", grant.session_key if grant is not None else None),
         ("session_key", settings.WS_SESSION_KEY_PARAM, session_key_credential(scope)),
@@ -108,10 +122,9 @@ async def authenticate(
     for source, name, session_key in fallbacks:
         if session_key is None:
             continue
-        session = session_store(session_key)
-        user = await session_user(session)
+        user = await session_user(session_key)
         if user is not None:
-            return session, source, user
+            return session_store(session_key), source, user
         refuse(scope, name, "unknown_session", "unknown, expired or anonymous session")
     return scope["session"], "none", AnonymousUser()
 
@@ -171,8 +184,9 @@ async def ticket_grant(scope: Scope) -> tickets.Grant | None:
     if not tickets.TICKET_RE.fullmatch(ticket):
         refuse(scope, "ticket", "malformed_credential", f"malformed ({len(ticket)} characters)")
         return None
+    socket_id = uuid.uuid4().hex
     try:
-        grant = await tickets.claim(ticket, scope["path"])
+        grant, counted = await tickets.claim(ticket, scope["path"], socket_id)
     except RedisError as exc:
         refuse(scope, "ticket", "redis_unreachable", f"Redis unreachable ({type(exc).__name__})")
         return None
@@ -181,6 +195,8 @@ async def ticket_grant(scope: Scope) -> tickets.Grant | None:
         refuse(scope, "ticket", "unknown_ticket", reason)
         return None
     metrics.TICKETS_REDEEMED.inc()
+    if counted is not None:  # for the consumer's cap check (asgi_site.upkeep.Upkeep.admit)
+        scope["counted"] = (user_sockets.USER_SOCKETS_KEY.format(grant.user_pk), socket_id, counted)
     return grant
 
 
@@ -233,14 +249,48 @@ def refuse(scope: Scope, name: str, code: str, reason: str) -> str | None:
     return None
 
 
-@database_sync_to_async
-def session_user(session: SessionBase) -> AbstractBaseUser | None:
-    """Return the user a session authenticates, or None; loading never creates or saves."""
+@batched
+async def session_user(session_keys: list[str]) -> list["AbstractBaseUser | None"]:
+    """
+    Called for one session key: the user its session authenticates, or None. The sessions
+    of every handshake waiting at once are read together, in one hop to the database
+    thread and two queries.
+    """
     try:
-        return authenticated_user(session, lambda backend, user_id: backend.get_user(user_id))
+        users = await database_sync_to_async(session_users)(set(session_keys))
     except DatabaseError as exc:
         logger.warning("session store unreachable: %s", type(exc).__name__)
-        return None
+        users = {}
+    return [users.get(session_key) for session_key in session_keys]
+
+
+def session_users(session_keys: Iterable[str]) -> dict[str, AbstractBaseUser]:
+    """
+    The user each session authenticates, by session key (None: not there), in two queries
+    however many: one for the unexpired sessions, one for their users. Loading never
+    creates or saves a session.
+    """
+    store = import_module(settings.SESSION_ENGINE).SessionStore
+    keys = sorted(session_keys)
+    data: dict[str, dict] = {}
+    for start in range(0, len(keys), IN_CLAUSE):
+        rows = store.get_model_class().objects.filter(
+            session_key__in=keys[start : start + IN_CLAUSE], expire_date__gt=timezone.now()
+        )
+        data.update((row.session_key, store().decode(row.session_data)) for row in rows)
+    user_pk = get_user_model()._meta.pk.to_python
+    pks = {user_pk(session[SESSION_KEY]) for session in data.values() if SESSION_KEY in session}
+    fetched = get_user_model()._default_manager.in_bulk(pks) if pks else {}
+
+    def get_user(backend, user_id):
+        # ModelBackend.get_user, from the users fetched above; another backend fetches its own.
+        if type(backend).get_user is not ModelBackend.get_user:
+            return backend.get_user(user_id)
+        user = fetched.get(user_id)
+        return user if user is not None and backend.user_can_authenticate(user) else None
+
+    users = {key: authenticated_user(session, get_user) for key, session in data.items()}
+    return {key: user for key, user in users.items() if user is not None}
 
 
 def authenticated_user(

@@ -120,8 +120,13 @@ class RealtimeConsumer(AsyncJsonWebsocketConsumer):
         else:
             standing = upkeep().add(self)
         await upkeep().ready()
-        # Within the user's cap of open sockets, counted across every process.
-        admitted = not (standing and user.is_authenticated) or await upkeep().admit(self, user.pk)
+        # Within the user's cap of open sockets, counted across every process (by the ticket's
+        # redemption, if it came with one: taken over even if the socket closes at once).
+        counted = self.scope.get("counted")
+        if counted is not None or (standing and user.is_authenticated):
+            admitted = await upkeep().admit(self, user.pk, counted)
+        else:
+            admitted = True
         if admitted:
             await self.join(*self.joins)
             await self.joined()

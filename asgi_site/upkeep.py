@@ -27,23 +27,22 @@ import logging
 import time
 import uuid
 import weakref
-from importlib import import_module
 from typing import Any
 
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
-from django.contrib.auth import get_user_model
 from django.db import DatabaseError
-from django.utils import timezone
 from redis.commands.core import AsyncScript
 
+from contract.batching import batched
 from contract.groups import SESSION_EVENTS, session_hash
 from contract.layers import LAYER_ERRORS
 from contract.redis_clients import async_client
+from contract.user_sockets import ADMIT, USER_SOCKETS_KEY, counted_seconds
 
 from . import metrics
-from .auth import authenticated_user
+from .auth import session_users
 from .broadcast import Broadcast
 
 logger = logging.getLogger(__name__)
@@ -59,25 +58,25 @@ SLOWEST_HANDSHAKE_SECONDS = 30
 LISTEN_WAIT_SECONDS = 2
 # After (re)joining the events, when the sockets opened before are re-checked once.
 CATCH_UP_SECONDS = 0.5
-IN_CLAUSE = 500  # session keys per query, well under every database's parameter limit
-# The per-user socket count: a sorted set per user, of socket ids scored with Redis' clock.
-USER_SOCKETS_KEY = "ws-user-sockets:{}"
 # Seconds to wait for Redis when a socket leaves its count (a stale id expires anyway).
 UNCOUNT_TIMEOUT = 2
+# Seconds the sockets leaving their counts gather before one round trip takes them all out: a
+# user at the cap who closes a tab and opens another within it may be refused (4409) once.
+UNCOUNT_LINGER = 0.05
 LOG_EVERY_SECONDS = 5
 COUNT_CHUNK = 500  # socket ids vouched for per script call
-# Admit one socket if the user has fewer than ARGV[2] counted; drop ids gone stale first.
-ADMIT_SCRIPT = """
-local clock = redis.call('TIME')
-local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[3]))
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then
-    return 0
+# Admit each socket (KEYS[i] holds ARGV[i]) while its user has fewer than the cap (the
+# next-to-last ARGV) counted, in order; drop ids gone stale (the last ARGV) first.
+ADMIT_SCRIPT = (
+    ADMIT
+    + """
+local admitted = {}
+for i, key in ipairs(KEYS) do
+    admitted[i] = admit(key, ARGV[i])
 end
-redis.call('ZADD', KEYS[1], now, ARGV[1])
-redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[3])))
-return 1
+return admitted
 """
+)
 # Vouch for open sockets: KEYS[i] holds ARGV[i]; the last ARGV is the staleness window.
 VOUCH_SCRIPT = """
 local clock = redis.call('TIME')
@@ -89,11 +88,6 @@ for i, key in ipairs(KEYS) do
 end
 return #KEYS
 """
-
-
-def counted_seconds() -> float:
-    """How long a socket id counts without its process vouching for it again."""
-    return 3 * settings.WS_SESSION_RECHECK_SECONDS + 30
 
 
 class Upkeep:
@@ -265,18 +259,21 @@ class Upkeep:
             if joined:
                 self.rejoined = started
 
-    async def admit(self, consumer: Any, user_pk: Any) -> bool:
+    async def admit(self, consumer: Any, user_pk: Any, counted: tuple | None = None) -> bool:
         """
         Count a logged-in socket against its user's WS_MAX_SOCKETS_PER_USER, on every
         process; False if the user already holds that many. Redis unreachable: True.
+        `counted`: (key, socket id, admitted) if its ticket's redemption counted it already.
         """
         cap = settings.WS_MAX_SOCKETS_PER_USER
         if cap <= 0:
             return True
         key, socket_id = USER_SOCKETS_KEY.format(user_pk), uuid.uuid4().hex
         try:
-            script = AsyncScript(async_client(), ADMIT_SCRIPT)  # EVALSHA: the body is not resent
-            admitted = bool(await script(keys=[key], args=[socket_id, cap, counted_seconds()]))
+            if counted is not None:
+                key, socket_id, admitted = counted
+            else:
+                admitted = await admit_sockets((key, socket_id))
         except LAYER_ERRORS as exc:
             self.log_count_failure("not counted", exc)
             admitted = True  # fail open; the next re-check counts it
@@ -292,7 +289,8 @@ class Upkeep:
         if entry is None:
             return
         try:
-            await asyncio.wait_for(async_client().zrem(*entry), UNCOUNT_TIMEOUT)
+            async with asyncio.timeout(UNCOUNT_TIMEOUT):
+                await uncount_sockets(entry)
         except (*LAYER_ERRORS, TimeoutError) as exc:
             # It stops counting counted_seconds() after its last vouching.
             self.log_count_failure("not uncounted", exc)
@@ -321,6 +319,29 @@ class Upkeep:
             logger.warning("Redis unreachable, user socket count %s: %r", what, exc)
 
 
+@batched
+async def admit_sockets(sockets: list[tuple[str, str]]) -> list[bool]:
+    """
+    Called for one (Redis key, socket id): True if counted, False if its user is at the cap.
+    Every handshake waiting at once is counted in one script call.
+    """
+    script = AsyncScript(async_client(), ADMIT_SCRIPT)  # EVALSHA: the body is not resent
+    keys, ids = [key for key, _ in sockets], [socket_id for _, socket_id in sockets]
+    cap = settings.WS_MAX_SOCKETS_PER_USER
+    return [bool(n) for n in await script(keys=keys, args=[*ids, cap, counted_seconds()])]
+
+
+@batched(linger=UNCOUNT_LINGER)
+async def uncount_sockets(sockets: list[tuple[str, str]]) -> list[None]:
+    """Called for one (Redis key, socket id): out of its user's count. Every socket closing at
+    once is taken out in one round trip."""
+    pipe = async_client().pipeline(transaction=False)
+    for key, socket_id in sockets:
+        pipe.zrem(key, socket_id)
+    await pipe.execute()
+    return [None] * len(sockets)
+
+
 _upkeeps: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Upkeep] = weakref.WeakKeyDictionary()
 
 
@@ -338,25 +359,5 @@ def sessions_standing(pairs: set[tuple[str, Any]]) -> set[tuple[str, Any]]:
     Return the (session_key, user_pk) pairs whose session still exists, is unexpired and
     still authenticates that user: one query for the sessions, one for their users.
     """
-    store = import_module(settings.SESSION_ENGINE).SessionStore
-    keys = sorted({key for key, _ in pairs})
-    data: dict[str, dict] = {}
-    for start in range(0, len(keys), IN_CLAUSE):
-        rows = store.get_model_class().objects.filter(
-            session_key__in=keys[start : start + IN_CLAUSE], expire_date__gt=timezone.now()
-        )
-        data.update((row.session_key, store().decode(row.session_data)) for row in rows)
-    user_pks = {pk for _, pk in pairs}
-    users = get_user_model()._default_manager.in_bulk(user_pks)
-
-    def get_user(backend, user_id):
-        # What ModelBackend.get_user does, from the users fetched above.
-        user = users.get(user_id)
-        can_authenticate = getattr(backend, "user_can_authenticate", lambda user: True)
-        return user if user is not None and can_authenticate(user) else None
-
-    return {
-        (key, pk)
-        for key, pk in pairs
-        if key in data and getattr(authenticated_user(data[key], get_user), "pk", None) == pk
-    }
+    users = session_users({key for key, _ in pairs})
+    return {(key, pk) for key, pk in pairs if key in users and users[key].pk == pk}

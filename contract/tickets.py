@@ -2,17 +2,19 @@
 Single-use tickets: the safer form of the session-key fallback.
 
 The page asks Gunicorn for a ticket for one socket path (POST /ws-ticket/) and opens that
-socket with it; Daphne redeems it exactly once (GETDEL) for the session it was minted for. A
-ticket lives WS_TICKET_TTL seconds. Redis holds no credential: the entry is named by the
-ticket's SHA-256, and holds a Grant sealed (AES-GCM) under a key derived from the ticket,
-with the path as associated data. Whoever reads Redis learns neither the ticket nor the
-session key, and a ticket opens no other path than its own.
+socket with it; Daphne redeems it exactly once (one script reads and deletes it) for the
+session it was minted for. A ticket lives WS_TICKET_TTL seconds. Redis holds no credential:
+the entry is named by the ticket's SHA-256, and holds a Grant sealed (AES-GCM) under a key
+derived from the ticket, with the path as associated data, beside the user's pk in the
+clear. Whoever reads Redis learns neither the ticket nor the session key, and a ticket opens
+no other path than its own.
 
 A Grant names the session and, when the HTTP side minted it for a logged-in user (it always
-does), who that user is: a handshake redeems it in that one GETDEL, with no database query.
-So a ticket must not outlive what it vouches for: logout, "log out everywhere" and a
-password change revoke every ticket still outstanding for the session or the user (each is
-listed, by its hash, in a set per session and per user, which lives as long as they do).
+does), who that user is: a handshake redeems it in that one script, with no database query,
+and the same script counts the socket against the user's cap (contract.user_sockets). So a
+ticket must not outlive what it vouches for: logout, "log out everywhere" and a password
+change revoke every ticket still outstanding for the session or the user (each is listed,
+by its hash, in a set per session and per user, which lives as long as they do).
 """
 
 import dataclasses
@@ -26,9 +28,12 @@ from typing import Any
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from django.conf import settings
+from redis.commands.core import AsyncScript
 
+from .batching import batched
 from .groups import session_hash
 from .redis_clients import async_client, sync_client
+from .user_sockets import ADMIT, USER_SOCKETS_KEY, counted_seconds, uncount
 
 # secrets.token_urlsafe(32): 256 random bits in 43 URL-safe characters.
 TICKET_RE = re.compile(r"[A-Za-z0-9_-]{43}")
@@ -36,6 +41,32 @@ TICKET_KEY = "ws-ticket:{}"
 # The outstanding tickets (their hashes) of one session, and of one user.
 OF_SESSION_KEY = "ws-tickets-of-session:{}"
 OF_USER_KEY = "ws-tickets-of-user:{}"
+# Redeem each ticket KEYS[i] (GET and DEL), and count its socket ARGV[i] against its user's
+# cap (the next-to-last ARGV; the counting window is the last) when both are known: per
+# ticket, {sealed grant, user pk, 1 counted / 0 at the cap / -1 not counted}. A ticket
+# minted as a plain string, before the user was stored beside it, is redeemed uncounted.
+REDEEM_SCRIPT = (
+    ADMIT
+    + """
+local answers = {}
+for i, key in ipairs(KEYS) do
+    local sealed, user = false, false
+    if redis.call('TYPE', key)['ok'] == 'string' then
+        sealed = redis.call('GET', key)
+    else
+        local fields = redis.call('HMGET', key, 'grant', 'user')
+        sealed, user = fields[1], fields[2]
+    end
+    redis.call('DEL', key)
+    local counted = -1
+    if sealed and user and ARGV[i] ~= '' and cap > 0 then
+        counted = admit('ws-user-sockets:' .. user, ARGV[i])
+    end
+    answers[i] = {sealed, user, counted}
+end
+return answers
+"""
+)
 # Delete every ticket listed in the sets KEYS, and the sets.
 REVOKE_SCRIPT = """
 local revoked = 0
@@ -112,7 +143,12 @@ def mint(
     grant = Grant(session_key, user_pk, username, backend)
     ttl, digest = settings.WS_TICKET_TTL, _digest(ticket)
     pipe = sync_client().pipeline()
-    pipe.set(TICKET_KEY.format(digest), seal(ticket, path, grant), ex=ttl)
+    # The user's pk in the clear (the index below names it too): the redemption counts the
+    # socket against that user's cap in the same script.
+    pipe.hset(TICKET_KEY.format(digest), "grant", seal(ticket, path, grant))
+    if user_pk is not None:
+        pipe.hset(TICKET_KEY.format(digest), "user", str(user_pk))
+    pipe.expire(TICKET_KEY.format(digest), ttl)
     for index in _indexes(session_key, user_pk):
         pipe.sadd(index, digest)
         pipe.expire(index, ttl)  # this ticket is the set's newest: it outlives the others
@@ -142,16 +178,36 @@ def revoke(*, session: str | None = None, user: Any = None) -> int:
     return int(sync_client().eval(REVOKE_SCRIPT, len(keys), *keys)) if keys else 0
 
 
-async def claim(ticket: str, path: str) -> Grant | None:
+async def claim(ticket: str, path: str, socket_id: str = "") -> tuple[Grant | None, bool | None]:
     """
-    Return the grant the ticket was minted with, the first time only and on its own path,
-    in one Redis command; else None. A ticket tried on another path is used up all the same.
+    Return the grant the ticket was minted with, the first time only and on its own path
+    (else None), and whether its socket, `socket_id`, was counted against the user's cap
+    (contract.user_sockets) in the same script: True, False (the user is at the cap), or
+    None (not counted: no socket id, no user named, no cap, or no grant). A ticket tried on
+    another path is used up all the same.
     """
-    sealed = await async_client().getdel(redis_key(ticket))
-    return unseal_grant(ticket, path, sealed) if isinstance(sealed, bytes) else None
+    sealed, user, counted = await redeem_and_count((redis_key(ticket), socket_id))
+    grant = unseal_grant(ticket, path, sealed) if isinstance(sealed, bytes) else None
+    if grant is None and counted:  # minted for another path: not this socket's to count
+        await uncount(USER_SOCKETS_KEY.format(user.decode()), socket_id)
+    return grant, counted if grant is not None else None
 
 
 async def redeem(ticket: str, path: str) -> str | None:
-    """claim(), for the session key alone."""
-    grant = await claim(ticket, path)
+    """claim(), for the session key alone (no socket counted)."""
+    grant, _ = await claim(ticket, path)
     return grant.session_key if grant is not None else None
+
+
+@batched
+async def redeem_and_count(entries: list[tuple[str, str]]) -> list[tuple[Any, Any, bool | None]]:
+    """
+    Called for one (ticket's Redis key, socket id): its sealed grant or None, the user pk it
+    names, and whether the socket was counted. The tickets of every handshake waiting at
+    once go in one script call.
+    """
+    keys, ids = [key for key, _ in entries], [socket_id for _, socket_id in entries]
+    cap = settings.WS_MAX_SOCKETS_PER_USER
+    script = AsyncScript(async_client(), REDEEM_SCRIPT)  # EVALSHA: the body is not resent
+    answers = await script(keys=keys, args=[*ids, cap, counted_seconds()])
+    return [(sealed, user, {1: True, 0: False}.get(n)) for sealed, user, n in answers]

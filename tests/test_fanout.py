@@ -126,9 +126,9 @@ def session_lookups(monkeypatch):
     looked_up = []
     real = auth.session_user
 
-    async def spy(session):
-        looked_up.append(session.session_key)
-        return await real(session)
+    async def spy(session_key):
+        looked_up.append(session_key)
+        return await real(session_key)
 
     monkeypatch.setattr(auth, "session_user", spy)
     return looked_up

@@ -251,6 +251,65 @@ def test_one_user_holds_at_most_the_cap_across_every_process(small):
     assert reopened == ("demo", None)
 
 
+def test_a_ticket_counts_its_socket_in_its_redemption(small):
+    """
+    A ticket's redemption counts its socket against the same cap, in the same Redis script:
+    3 ticket sockets over both processes, the 4th closed with 4409; a ticket tried on
+    another path is refused and leaves no count behind; a closed socket makes room.
+    """
+    stack, session, _ = small
+    first, second = stack.daphne_ports
+
+    def mint(path):
+        # Straight to Gunicorn, past nginx's ticket rate limit, which the tests above use up.
+        token = session.cookies.get("csrftoken") or stack._csrf_token(session)
+        response = session.post(
+            f"http://127.0.0.1:{stack.gunicorn_port}/ws-ticket/",
+            json={"path": path},
+            headers={
+                "Host": f"{stack.app_host}:{stack.public_port}",
+                "X-CSRFToken": token,
+                "Origin": stack.app_origin,
+            },
+            timeout=10,
+        )
+        assert response.status_code == 200, response.text
+        stack.secrets.add(response.json()["ticket"])
+        return response.json()["ticket"]
+
+    async def with_ticket(port, path="/ws/whoami/"):
+        ticket = await asyncio.to_thread(mint, path)
+        ws = await stack.connect("/ws/whoami/", port=port, subprotocols=[f"ticket.{ticket}"])
+        try:
+            return ws, json.loads(await asyncio.wait_for(ws.recv(), 5))
+        except websockets.ConnectionClosed:
+            return ws, None
+
+    async def run():
+        held = [await with_ticket(port) for port in (first, second)]
+        elsewhere, frame = await with_ticket(first, path="/ws/live/")
+        wrong_path = (frame["authenticated"], list(counted(stack).values()))
+        held.append(await with_ticket(first))
+        assert [frame["auth"] for _, frame in held] == ["ticket"] * 3
+        extra, frame = await with_ticket(second)
+        await asyncio.wait_for(extra.wait_closed(), 5)
+        refused = (frame, extra.close_code)
+        at_cap = counted(stack)
+        await held.pop()[0].close()
+        await asyncio.to_thread(
+            wait_until, lambda: list(counted(stack).values()) == [2], 5, "a closed socket counts"
+        )
+        for ws in [elsewhere, *(ws for ws, _ in held)]:
+            await ws.close()
+        return refused, wrong_path, at_cap
+
+    refused, wrong_path, at_cap = asyncio.run(run())
+    assert refused == (None, TOO_MANY_SOCKETS)
+    assert wrong_path == (False, [2])  # refused, and not counted
+    assert list(at_cap.values()) == [3]  # neither the refused one nor the wrong path counts
+    wait_until(lambda: counted(stack) == {}, 5, "closed sockets still count")
+
+
 def test_the_cap_fails_open_without_redis_and_counts_again_after(small):
     """Redis down: logged-in sockets are admitted past the cap, and a warning logged. Redis
     back (empty): the next re-check counts them again, and the cap holds."""

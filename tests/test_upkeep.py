@@ -111,11 +111,11 @@ def many_sessions(sessions, users):
 def test_query_count_above_500_sessions(sessions, users, session_queries, user_queries):
     """
     README: re-checks load every session "in two queries however many sockets there are".
-    True up to 500 sessions (asgi_site.upkeep.IN_CLAUSE); above it the session query is
+    True up to 500 sessions (asgi_site.auth.IN_CLAUSE); above it the session query is
     batched by 500 and, on SQLite, the user query by 999 (Django's in_bulk): 1,001 sessions
     of 1,001 users take 3 + 2 queries. Still a constant per 500 sessions, never per socket.
     """
-    from asgi_site.upkeep import IN_CLAUSE
+    from asgi_site.auth import IN_CLAUSE
 
     assert IN_CLAUSE == 500
     pairs = many_sessions(sessions, users)

@@ -1,0 +1,128 @@
+"""
+contract.batching, and the handshake lookups made with it: callers waiting at once share
+one round trip, each gets its own answer, and a failure reaches exactly its batch.
+"""
+
+import asyncio
+
+import pytest
+from asgiref.sync import async_to_sync
+from django.contrib.auth import get_user_model
+from django.test import Client
+
+from asgi_site import auth, upkeep
+from contract.batching import batched
+from contract.redis_clients import async_client
+from tests.sockets import communicator
+
+
+def recorder():
+    """A batched function that doubles numbers, fails on 13, and records its batches."""
+    batches = []
+
+    @batched
+    async def double(items):
+        batches.append(list(items))
+        await asyncio.sleep(0.01)  # a round trip: callers arriving now wait for the next
+        if 13 in items:
+            raise ValueError("13")
+        return [item * 2 for item in items]
+
+    return double, batches
+
+
+def test_callers_waiting_at_once_share_a_batch_and_get_their_own_answers():
+    double, batches = recorder()
+
+    async def run():
+        first = await asyncio.gather(*(double(n) for n in range(5)))
+        lone = await double(7)
+        return first, lone
+
+    assert asyncio.run(run()) == ([0, 2, 4, 6, 8], 14)
+    assert batches == [[0, 1, 2, 3, 4], [7]]
+
+
+def test_callers_arriving_during_a_batch_wait_for_the_next():
+    double, batches = recorder()
+
+    async def run():
+        early = asyncio.gather(*(double(n) for n in range(3)))
+        await asyncio.sleep(0.005)  # the first batch is in flight
+        late = asyncio.gather(*(double(n) for n in range(3, 6)))
+        return await early, await late
+
+    assert asyncio.run(run()) == ([0, 2, 4], [6, 8, 10])
+    assert batches == [[0, 1, 2], [3, 4, 5]]
+
+
+def test_a_failure_reaches_its_batch_only_and_a_cancelled_caller_no_one_else():
+    double, batches = recorder()
+
+    async def run():
+        failing = asyncio.gather(double(1), double(13), return_exceptions=True)
+        await asyncio.sleep(0.005)
+        cancelled = asyncio.ensure_future(double(2))
+        fine = asyncio.ensure_future(double(3))
+        await asyncio.sleep(0)
+        cancelled.cancel()
+        results = await failing
+        return [type(r).__name__ for r in results], await fine, cancelled.cancelled()
+
+    assert asyncio.run(run()) == (["ValueError", "ValueError"], 6, True)
+    assert batches == [[1, 13], [2, 3]]
+
+
+def sessions(count):
+    keys = []
+    for i in range(count):
+        get_user_model().objects.create_user(f"batch{i}", password="pass-word")
+        client = Client()
+        assert client.login(username=f"batch{i}", password="pass-word")
+        keys.append(client.session.session_key)
+    return keys
+
+
+@pytest.mark.django_db(transaction=True)
+def test_handshakes_at_once_read_their_sessions_together(monkeypatch, redis_server):
+    """20 session-key handshakes at once: every one is its own user, in far fewer database
+    hops than 20 (each hop is two queries, however many sessions it reads)."""
+    keys = [*sessions(20), "0" * 32]  # and one session that does not exist
+    hops = []
+    real = auth.session_users
+
+    def spy(session_keys):
+        hops.append(len(session_keys))
+        return real(session_keys)
+
+    monkeypatch.setattr(auth, "session_users", spy)
+
+    async def run():
+        sockets = [communicator(query=f"session_key={key}") for key in keys]
+        await asyncio.gather(*(socket.connect() for socket in sockets))
+        frames = [await socket.receive_json_from() for socket in sockets]
+        await asyncio.gather(*(socket.disconnect() for socket in sockets))
+        return frames
+
+    frames = async_to_sync(run)()
+    assert [frame["user"] for frame in frames] == [f"batch{i}" for i in range(20)] + [None]
+    assert sum(hops) == 21 and len(hops) <= 3, hops
+
+
+def test_admissions_at_once_keep_the_cap_in_one_script_call(redis_server, settings):
+    """10 sockets of one user counted at once under a cap of 3: the first 3 in, in order,
+    and Redis reads one request for all of them."""
+    settings.WS_MAX_SOCKETS_PER_USER = 3
+
+    async def run():
+        client = async_client()
+        before = (await client.info("stats"))["total_reads_processed"]
+        admitted = await asyncio.gather(
+            *(upkeep.admit_sockets(("ws-user-sockets:batch", f"socket{n}")) for n in range(10))
+        )
+        reads = (await client.info("stats"))["total_reads_processed"] - before - 1  # an INFO
+        await client.delete("ws-user-sockets:batch")
+        await client.aclose()
+        return admitted, reads
+
+    assert asyncio.run(run()) == ([True] * 3 + [False] * 7, 1)
