@@ -52,7 +52,7 @@ format: $(VENV)/.installed ## Rewrite the code as `make lint` wants it (ruff for
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-bench: $(VENV)/.installed ## Measure handshake cost, fan-out and capacity; write bench/results/ (about 25 min)
+bench: $(VENV)/.installed ## Measure handshake cost, fan-out and capacity; write bench/results/ (about 12 min)
 	@deploy/require.sh nginx redis-server $(POSTGRES_TOOL)
 	$(PY) -m bench.handshake && $(PY) -m bench.fanout && $(PY) -m bench.capacity
 

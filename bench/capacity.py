@@ -182,7 +182,7 @@ def main():
     parser.add_argument("--recheck-sockets", type=int, default=5000)
     parser.add_argument("--window", type=float, default=30)
     parser.add_argument("--storm", type=int, default=5000)
-    parser.add_argument("--storm-rounds", type=int, default=2)
+    parser.add_argument("--storm-rounds", type=int, default=4)
     parser.add_argument("--hold", type=int, default=15000)
     args = parser.parse_args()
     with running_stack() as stack:
