@@ -33,6 +33,7 @@ from django.contrib.auth.backends import ModelBackend
 from django.contrib.auth.base_user import AbstractBaseUser
 from django.contrib.auth.models import AnonymousUser
 from django.contrib.sessions.backends.base import VALID_KEY_CHARS, SessionBase
+from django.core.exceptions import ValidationError
 from django.db import DatabaseError
 from django.utils import timezone
 from django.utils.crypto import constant_time_compare
@@ -68,8 +69,9 @@ class SessionAuthMiddleware:
     costs no query; a session deleted otherwise, or a user deactivated, within that window
     is caught by the socket's first re-check. Its redemption counts the socket against its
     user's cap in the same Redis script, and scope["counted"] says so: (the count's key,
-    the socket id, admitted), for the consumer. Runs inside SessionMiddleware, in place of
-    Channels' AuthMiddleware.
+    the socket id, admitted), for the consumer. scope["session"] is not loaded: it gives its
+    session_key at once, its data only from sync code. Runs inside SessionMiddleware, in place
+    of Channels' AuthMiddleware.
     """
 
     def __init__(self, inner):
@@ -111,10 +113,10 @@ async def authenticate(
     # Minted for a logged-in user, and revoked if that ended (contract.tickets): no query.
     if grant and grant.username and grant.backend in settings.AUTHENTICATION_BACKENDS:
         return session_store(grant.session_key), "ticket", TicketUser(grant)
-    if scope.get("counted"):  # counted for a user we do not take from the ticket after all
-        key, socket_id, _ = scope.pop("counted")
+    counted = scope.pop("counted", None)
+    if counted and counted[2]:  # counted for a user we do not take from the ticket after all
         with contextlib.suppress(RedisError):
-            await user_sockets.uncount(key, socket_id)
+            await user_sockets.uncount(*counted[:2])
     fallbacks = [  # (scope["auth"], the name refusals are logged under, the session key)
         ("ticket", "ticket", grant.session_key if grant is not None else None),
         ("session_key", settings.WS_SESSION_KEY_PARAM, session_key_credential(scope)),
@@ -196,7 +198,8 @@ async def ticket_grant(scope: Scope) -> tickets.Grant | None:
         return None
     metrics.TICKETS_REDEEMED.inc()
     if counted is not None:  # for the consumer's cap check (asgi_site.upkeep.Upkeep.admit)
-        scope["counted"] = (user_sockets.USER_SOCKETS_KEY.format(grant.user_pk), socket_id, counted)
+        key, admitted = counted
+        scope["counted"] = (key, socket_id, admitted)
     return grant
 
 
@@ -266,9 +269,10 @@ async def session_user(session_keys: list[str]) -> list["AbstractBaseUser | None
 
 def session_users(session_keys: Iterable[str]) -> dict[str, AbstractBaseUser]:
     """
-    The user each session authenticates, by session key (None: not there), in two queries
-    however many: one for the unexpired sessions, one for their users. Loading never
-    creates or saves a session.
+    The user each session authenticates, by session key; a session that authenticates no
+    one is left out. Two queries however many sessions, one for the unexpired sessions, one
+    for their users (a backend other than ModelBackend fetches its own). A session whose
+    user id is unreadable authenticates no one. Loading never creates or saves a session.
     """
     store = import_module(settings.SESSION_ENGINE).SessionStore
     keys = sorted(session_keys)
@@ -278,8 +282,7 @@ def session_users(session_keys: Iterable[str]) -> dict[str, AbstractBaseUser]:
             session_key__in=keys[start : start + IN_CLAUSE], expire_date__gt=timezone.now()
         )
         data.update((row.session_key, store().decode(row.session_data)) for row in rows)
-    user_pk = get_user_model()._meta.pk.to_python
-    pks = {user_pk(session[SESSION_KEY]) for session in data.values() if SESSION_KEY in session}
+    pks = {pk for pk in map(user_id, data.values()) if pk is not None}
     fetched = get_user_model()._default_manager.in_bulk(pks) if pks else {}
 
     def get_user(backend, user_id):
@@ -293,6 +296,14 @@ def session_users(session_keys: Iterable[str]) -> dict[str, AbstractBaseUser]:
     return {key: user for key, user in users.items() if user is not None}
 
 
+def user_id(session: Any) -> Any:
+    """The user id a session names, as the user model's pk; None if none, or unreadable."""
+    try:
+        return get_user_model()._meta.pk.to_python(session[SESSION_KEY])
+    except (KeyError, ValidationError):
+        return None
+
+
 def authenticated_user(
     session: Any, get_user: Callable[[Any, Any], AbstractBaseUser | None]
 ) -> AbstractBaseUser | None:
@@ -302,14 +313,10 @@ def authenticated_user(
     cycled key's cookie back) and a failed one is not flushed (the HTTP side does that).
     `get_user(backend, user_id)` fetches the user, so callers can fetch many at once.
     """
-    try:
-        user_id = get_user_model()._meta.pk.to_python(session[SESSION_KEY])
-        backend_path = session[BACKEND_SESSION_KEY]
-    except KeyError:
+    pk, backend_path = user_id(session), session.get(BACKEND_SESSION_KEY)
+    if pk is None or backend_path not in settings.AUTHENTICATION_BACKENDS:
         return None
-    if backend_path not in settings.AUTHENTICATION_BACKENDS:
-        return None
-    user = get_user(load_backend(backend_path), user_id)
+    user = get_user(load_backend(backend_path), pk)
     session_hash = session.get(HASH_SESSION_KEY)
     if user is None or not session_hash:
         return None

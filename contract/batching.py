@@ -45,12 +45,13 @@ class Batch:
                 batch, self.waiting = self.waiting, []
                 try:
                     results = await self.run([item for item, _ in batch])
-                except Exception as exc:  # every caller of the batch gets it, as its own
+                    answers = list(zip(batch, results, strict=True))
+                except Exception as exc:  # every caller of the batch gets the same exception
                     for _, future in batch:
                         if not future.done():
                             future.set_exception(exc)
                     continue
-                for (_, future), result in zip(batch, results, strict=True):
+                for (_, future), result in answers:
                     if not future.done():  # a caller cancelled meanwhile
                         future.set_result(result)
         finally:

@@ -17,6 +17,7 @@ change revoke every ticket still outstanding for the session or the user (each i
 by its hash, in a set per session and per user, which lives as long as they do).
 """
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -29,6 +30,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from django.conf import settings
 from redis.commands.core import AsyncScript
+from redis.exceptions import RedisError
 
 from .batching import batched
 from .groups import session_hash
@@ -60,7 +62,7 @@ for i, key in ipairs(KEYS) do
     redis.call('DEL', key)
     local counted = -1
     if sealed and user and ARGV[i] ~= '' and cap > 0 then
-        counted = admit('ws-user-sockets:' .. user, ARGV[i])
+        counted = admit(USER_SOCKETS_PREFIX .. user, ARGV[i])
     end
     answers[i] = {sealed, user, counted}
 end
@@ -178,19 +180,27 @@ def revoke(*, session: str | None = None, user: Any = None) -> int:
     return int(sync_client().eval(REVOKE_SCRIPT, len(keys), *keys)) if keys else 0
 
 
-async def claim(ticket: str, path: str, socket_id: str = "") -> tuple[Grant | None, bool | None]:
+async def claim(
+    ticket: str, path: str, socket_id: str = ""
+) -> tuple[Grant | None, tuple[str, bool] | None]:
     """
     Return the grant the ticket was minted with, the first time only and on its own path
-    (else None), and whether its socket, `socket_id`, was counted against the user's cap
-    (contract.user_sockets) in the same script: True, False (the user is at the cap), or
-    None (not counted: no socket id, no user named, no cap, or no grant). A ticket tried on
-    another path is used up all the same.
+    (else None), and, if its socket `socket_id` was counted against the user's cap
+    (contract.user_sockets) in the same script, (the count's key, admitted); else None (no
+    socket id, no user named, no cap, or no grant). A ticket tried on another path is used
+    up all the same, and its socket not counted.
     """
-    sealed, user, counted = await redeem_and_count((redis_key(ticket), socket_id))
+    sealed, user, admitted = await redeem_and_count((redis_key(ticket), socket_id))
     grant = unseal_grant(ticket, path, sealed) if isinstance(sealed, bytes) else None
-    if grant is None and counted:  # minted for another path: not this socket's to count
-        await uncount(USER_SOCKETS_KEY.format(user.decode()), socket_id)
-    return grant, counted if grant is not None else None
+    if admitted is None:
+        return grant, None
+    key = USER_SOCKETS_KEY.format(user.decode())
+    if grant is None:  # minted for another path: this socket is not that user's
+        if admitted:
+            with contextlib.suppress(RedisError):  # else it stops counting in counted_seconds()
+                await uncount(key, socket_id)
+        return None, None
+    return grant, (key, admitted)
 
 
 async def redeem(ticket: str, path: str) -> str | None:

@@ -11,10 +11,12 @@ from .redis_clients import async_client
 
 USER_SOCKETS_KEY = "ws-user-sockets:{}"
 
-# Lua shared by the scripts that count sockets: `now` from Redis' clock, `cap` and `window`
+# Lua shared by the scripts that count sockets: the prefix of USER_SOCKETS_KEY (to name a
+# user's count from the pk), `now` from Redis' clock, `cap` and `window`
 # from the last two ARGV, and admit(key, socket_id): count the socket if the user has fewer
 # than `cap` counted, after dropping ids not vouched for in the last `window` seconds.
-ADMIT = """
+ADMIT = f"""
+local USER_SOCKETS_PREFIX = '{USER_SOCKETS_KEY.format("")}'
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
 local cap, window = tonumber(ARGV[#ARGV - 1]), tonumber(ARGV[#ARGV])

@@ -3,12 +3,12 @@ Reload the running native stack, one process at a time, refusing nothing:
 
     python -m deploy.reload     (`make reload`; STATE_DIR names the stack, var/ by default)
 
-- Gunicorn: SIGHUP to its master (`supervisorctl signal HUP wsgi`). The master keeps the
-  listening socket, starts new workers with the new code and stops the old ones gracefully.
-- Daphne: `supervisorctl restart asgi-N`, one at a time. The stopping process closes its
-  listening socket first (nginx sends new handshakes to the others at once), closes its
+- Daphne first: `supervisorctl restart asgi-N`, one at a time. The stopping process closes
+  its listening socket first (nginx sends new handshakes to the others at once), closes its
   sockets with 1012 over WS_DRAIN_SECONDS and exits; the next is restarted only once the new
   one answers /healthz.
+- Then Gunicorn: SIGHUP to its master (`supervisorctl signal HUP wsgi`). The master keeps the
+  listening socket, starts new workers with the new code and stops the old ones gracefully.
 """
 
 import configparser
@@ -121,9 +121,11 @@ def restart_daphne(stack: Stack, program: str, port: int, say=print) -> None:
 
 def reload(env: Mapping[str, str] = os.environ, say=print) -> None:
     stack = Stack(env)
-    reload_gunicorn(stack, say)
+    # The socket side first: it reads what the HTTP side writes (tickets, events), and a new
+    # version reads the old format too, so nothing the old Gunicorn wrote is ever unreadable.
     for program, port in sorted(stack.daphnes.items()):
         restart_daphne(stack, program, port, say)
+    reload_gunicorn(stack, say)
     say("Reloaded: every process runs the code on disk now.")
 
 

@@ -126,3 +126,37 @@ def test_admissions_at_once_keep_the_cap_in_one_script_call(redis_server, settin
         return admitted, reads
 
     assert asyncio.run(run()) == ([True] * 3 + [False] * 7, 1)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_session_naming_an_unreadable_user_spoils_only_itself(redis_server):
+    """A session whose user id is not a pk (a user model changed under it) authenticates no
+    one, and the handshakes read in the same batch keep their users."""
+    from datetime import timedelta
+
+    from django.contrib.auth import BACKEND_SESSION_KEY, HASH_SESSION_KEY, SESSION_KEY
+    from django.contrib.sessions.backends.db import SessionStore
+    from django.contrib.sessions.models import Session
+    from django.utils import timezone
+
+    data = {
+        SESSION_KEY: "not-a-pk",
+        HASH_SESSION_KEY: "x",
+        BACKEND_SESSION_KEY: "django.contrib.auth.backends.ModelBackend",
+    }
+    bad = Session(
+        session_key="b" * 32,
+        session_data=SessionStore().encode(data),
+        expire_date=timezone.now() + timedelta(days=1),
+    )
+    Session.objects.bulk_create([bad])  # no signals: they would refuse to record its user
+    keys = [*sessions(3), bad.session_key]
+
+    async def run():
+        sockets = [communicator(query=f"session_key={key}") for key in keys]
+        await asyncio.gather(*(socket.connect() for socket in sockets))
+        frames = [await socket.receive_json_from() for socket in sockets]
+        await asyncio.gather(*(socket.disconnect() for socket in sockets))
+        return [frame["user"] for frame in frames]
+
+    assert async_to_sync(run)() == ["batch0", "batch1", "batch2", None]

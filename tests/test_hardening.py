@@ -222,11 +222,12 @@ def test_an_idle_healthy_redis_is_not_an_outage(events_only):
 
 
 def test_redis_holds_no_reusable_credential_behind_a_ticket(stack):
-    """GET ws-ticket:<sha256> gives neither the session key nor the ticket."""
+    """HGETALL ws-ticket:<sha256> gives neither the session key nor the ticket."""
     session, key = stack.login()
     ticket = stack.ticket(session, path="/ws/live/")
-    stored = redis.Redis(port=stack.redis_port).get(tickets.redis_key(ticket))
-    assert stored is not None
+    entry = redis.Redis(port=stack.redis_port).hgetall(tickets.redis_key(ticket))
+    assert sorted(entry) == [b"grant", b"user"]
+    stored = b" ".join(entry.values())
     assert key.encode() not in stored and ticket.encode() not in stored
 
 
