@@ -113,10 +113,10 @@ async def authenticate(
     # Minted for a logged-in user, and revoked if that ended (contract.tickets): no query.
     if grant and grant.username and grant.backend in settings.AUTHENTICATION_BACKENDS:
         return session_store(grant.session_key), "ticket", TicketUser(grant)
-    counted = scope.pop("counted", None)
-    if counted and counted[2]:  # counted for a user we do not take from the ticket after all
+    key, socket_id, admitted = scope.pop("counted", (None, None, False))
+    if admitted:  # counted for a user we do not take from the ticket after all
         with contextlib.suppress(RedisError):
-            await user_sockets.uncount(*counted[:2])
+            await user_sockets.uncount(key, socket_id)
     fallbacks = [  # (scope["auth"], the name refusals are logged under, the session key)
         ("ticket", "ticket", grant.session_key if grant is not None else None),
         ("session_key", settings.WS_SESSION_KEY_PARAM, session_key_credential(scope)),

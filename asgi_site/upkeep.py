@@ -265,18 +265,17 @@ class Upkeep:
         process; False if the user already holds that many. Redis unreachable: True.
         `counted`: (key, socket id, admitted) if its ticket's redemption counted it already.
         """
-        cap = settings.WS_MAX_SOCKETS_PER_USER
-        if cap <= 0:
+        if settings.WS_MAX_SOCKETS_PER_USER <= 0:
             return True
-        key, socket_id = USER_SOCKETS_KEY.format(user_pk), uuid.uuid4().hex
-        try:
-            if counted is not None:
-                key, socket_id, admitted = counted
-            else:
+        if counted is not None:
+            key, socket_id, admitted = counted
+        else:
+            key, socket_id = USER_SOCKETS_KEY.format(user_pk), uuid.uuid4().hex
+            try:
                 admitted = await admit_sockets((key, socket_id))
-        except LAYER_ERRORS as exc:
-            self.log_count_failure("not counted", exc)
-            admitted = True  # fail open; the next re-check counts it
+            except LAYER_ERRORS as exc:
+                self.log_count_failure("not counted", exc)
+                admitted = True  # fail open; the next re-check counts it
         if admitted:
             self.counted[consumer] = (key, socket_id)
             if consumer.closed:  # gone while Redis answered: it left without us
