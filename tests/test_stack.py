@@ -216,7 +216,15 @@ def test_secrets_in_urls_stay_out_of_every_log(cross_stack):
         ("GET", "/", "200", cross_stack.app_host),
         ("GET", f"/{marker}", "404", cross_stack.app_host),
     ]
-    gunicorn = [line for line in logs["gunicorn.log"].splitlines() if f"/{marker}" in line]
+
+    def gunicorn_lines():
+        # Gunicorn writes its access line after the response: nginx may have logged first.
+        lines = cross_stack.log_files()["gunicorn.log"].splitlines()
+        probe = [line for line in lines if f"/{marker}" in line]
+        return probe if len(probe) >= 2 else None
+
+    gunicorn = wait_until(gunicorn_lines, 5, "Gunicorn did not log the probe request")
+    logs = cross_stack.log_files()
     # Gunicorn's access line, and Django's "Not Found" warning, both with the path alone.
     assert [line for line in gunicorn if f'"GET /{marker} HTTP/1.1" 404' in line] != [], gunicorn
     assert len(gunicorn) == 2 and f"Not Found: /{marker}" in "\n".join(gunicorn), gunicorn
