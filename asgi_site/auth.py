@@ -9,17 +9,20 @@ SessionAuthMiddleware loads the session it names. Precedence: a cookie that give
 a logged-in user, then a ticket, then the session key.
 """
 
+import asyncio
 import contextlib
 import logging
 import re
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Iterable
 from importlib import import_module
 from typing import Any
 from urllib.parse import parse_qsl
 
 from channels.db import database_sync_to_async
+from channels.layers import get_channel_layer
 from channels.sessions import CookieMiddleware, SessionMiddleware
 from django.conf import settings
 from django.contrib.auth import (
@@ -41,6 +44,7 @@ from redis.exceptions import RedisError
 
 from contract import tickets, user_sockets
 from contract.batching import batched
+from contract.groups import session_hash
 
 from . import metrics
 
@@ -64,7 +68,8 @@ class SessionAuthMiddleware:
     scope["auth"] says which ("cookie", "ticket", "session_key" or "none"). A cookie's or
     session key's session is checked as Django's get_user checks it, SECRET_KEY_FALLBACKS
     included; the sessions of every handshake waiting at once are read together, in one hop
-    to the database thread. A ticket is not: it was minted for a logged-in session at most
+    to the database thread, and one this process read lately is trusted unread
+    (TrustedSessions). A ticket is not read: it was minted for a logged-in session at most
     WS_TICKET_TTL ago, and logout and password changes revoke it (contract.tickets), so it
     costs no query; a session deleted otherwise, or a user deactivated, within that window
     is caught by the socket's first re-check. Its redemption counts the socket against its
@@ -106,7 +111,7 @@ async def authenticate(
     # No cookie, no round trip: cross-domain sockets never bring one.
     if settings.SESSION_COOKIE_NAME in scope["cookies"]:
         session_key = scope["session"].session_key  # None if the cookie is malformed
-        user = await session_user(session_key) if session_key else None
+        user = await known_user(session_key) if session_key else None
         if user is not None:
             return scope["session"], "cookie", user
     grant = await ticket_grant(scope)
@@ -124,7 +129,7 @@ async def authenticate(
     for source, name, session_key in fallbacks:
         if session_key is None:
             continue
-        user = await session_user(session_key)
+        user = await known_user(session_key)
         if user is not None:
             return session_store(session_key), source, user
         refuse(scope, name, "unknown_session", "unknown, expired or anonymous session")
@@ -250,6 +255,90 @@ def refuse(scope: Scope, name: str, code: str, reason: str) -> str | None:
     logger.info("%s refused: %s", name, reason)
     scope.setdefault("refusal", code)
     return None
+
+
+async def known_user(session_key: str) -> "AbstractBaseUser | None":
+    """The user the session authenticates, or None: as this process read it lately, or read now."""
+    trusted = trusted_sessions()
+    user = trusted.get(session_key)
+    if user is not None:
+        metrics.SESSION_LOOKUPS.labels("trusted").inc()
+        return user
+    metrics.SESSION_LOOKUPS.labels("database").inc()
+    read_at = time.monotonic()
+    user = await session_user(session_key)
+    if user is not None:
+        trusted.keep(session_key, user, read_at)
+    return user
+
+
+class TrustedSessions:
+    """
+    The users of the sessions this process read lately, by session key: a page's next
+    socket on the same session costs no query. One is trusted WS_SESSION_TRUST_SECONDS from
+    its read, and only while the process hears session.end events (asgi_site.upkeep tells
+    it what it hears), so logout and password change end the trust at once. A session
+    deleted otherwise, expired, or whose user was deactivated in that window is trusted as
+    an outstanding ticket would be: the socket's first re-check closes it.
+    """
+
+    def __init__(self) -> None:
+        self.users: dict[str, tuple[AbstractBaseUser, float]] = {}  # key -> (user, read at)
+        self.ended: dict[Any, float] = {}  # session hash, or ("user", pk) -> when heard
+        self.hearing_since = float("inf")  # when this process (re)joined session.end events
+        self.pruned = 0.0
+
+    def get(self, session_key: str) -> AbstractBaseUser | None:
+        user, read_at = self.users.get(session_key, (None, 0.0))
+        if user is None or time.monotonic() - read_at >= settings.WS_SESSION_TRUST_SECONDS:
+            return None
+        # An outage since we joined may have lost events: trust nothing until upkeep rejoins.
+        layer = get_channel_layer()
+        if getattr(layer, "in_outage", False):
+            return None
+        return user if read_at >= self.hearing_since > getattr(layer, "last_outage", 0.0) else None
+
+    def keep(self, session_key: str, user: AbstractBaseUser, read_at: float) -> None:
+        """Trust what was read at `read_at`, unless its session ended since then."""
+        now = time.monotonic()
+        if now - self.pruned > settings.WS_SESSION_TRUST_SECONDS:
+            self.prune(now)
+        ended = max(self.ended.get(session_hash(session_key), 0.0),
+                    self.ended.get(("user", user.pk), 0.0))  # fmt: skip
+        if settings.WS_SESSION_TRUST_SECONDS > 0 and ended < read_at:
+            self.users[session_key] = (user, read_at)
+
+    def end(self, event: dict) -> None:
+        """A session.end event heard: what it names is read again, from the database."""
+        now = time.monotonic()
+        if "session" in event:
+            self.ended[event["session"]] = now
+        if "user" in event:
+            self.ended[("user", event["user"])] = now
+        self.users = {
+            key: (user, read_at)
+            for key, (user, read_at) in self.users.items()
+            if session_hash(key) != event.get("session") and user.pk != event.get("user")
+        }
+
+    def prune(self, now: float) -> None:
+        window = settings.WS_SESSION_TRUST_SECONDS
+        self.users = {k: entry for k, entry in self.users.items() if now - entry[1] < window}
+        self.ended = {k: heard for k, heard in self.ended.items() if now - heard < window}
+        self.pruned = now
+
+
+_trusted: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, TrustedSessions] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def trusted_sessions() -> TrustedSessions:
+    """The TrustedSessions of the running event loop (Daphne has one; tests make many)."""
+    loop = asyncio.get_running_loop()
+    if loop not in _trusted:
+        _trusted[loop] = TrustedSessions()
+    return _trusted[loop]
 
 
 @batched

@@ -47,6 +47,12 @@ CLOSES = Counter(
 TICKETS_REDEEMED = Counter(
     "split_tickets_redeemed", "Tickets redeemed in a handshake (each works once)."
 )
+SESSION_LOOKUPS = Counter(
+    "split_session_lookups",
+    "Sessions a handshake looked up (a cookie's or session key's): read from the database, "
+    "or trusted as this process read them lately (WS_SESSION_TRUST_SECONDS).",
+    ["source"],
+)
 HANDSHAKE_SECONDS = Histogram(
     "split_handshake_seconds",
     "From reading a handshake's credentials to accepting it (or closing it at once).",

@@ -42,7 +42,7 @@ from contract.redis_clients import async_client
 from contract.user_sockets import ADMIT, USER_SOCKETS_KEY, counted_seconds
 
 from . import metrics
-from .auth import session_users
+from .auth import session_users, trusted_sessions
 from .broadcast import Broadcast
 
 logger = logging.getLogger(__name__)
@@ -189,6 +189,7 @@ class Upkeep:
             logger.warning("channel layer unreachable, session events not joined: %r", exc)
             return False
         self.joined_at = time.monotonic()
+        trusted_sessions().hearing_since = self.joined_at
         self.listening.set()
         if self.sessions:
             self.catch_up_soon()
@@ -215,6 +216,7 @@ class Upkeep:
             self.ended[event["session"]] = now
         if "user" in event:
             self.ended[("user", event["user"])] = now
+        trusted_sessions().end(event)
         for consumer, (_, user_pk) in list(self.sessions.items()):
             ended_session = "session" in event and self.hashes[consumer] == event["session"]
             ended_user = "user" in event and user_pk == event["user"]

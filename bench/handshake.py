@@ -1,8 +1,10 @@
 """
 Handshake cost through nginx on the real stack: handshakes per second and latency for
-/ws/whoami/ with five ways of authenticating, run interleaved (A B C D E, in a rotating
-order) so a noisy machine does not decide a comparison. Two stacks run side by side, one on
-SQLite and one on PostgreSQL (DATABASE=postgres), and each round measures every way on both:
+/ws/whoami/ with five ways of authenticating, run interleaved (in a rotating order) so a
+noisy machine does not decide a comparison; the session key twice, as a page's sockets bring
+one session again and again (3), and each handshake a session no process has read yet (6).
+Two stacks run side by side, one on SQLite and one on PostgreSQL (DATABASE=postgres), and
+each round measures every way on both:
 bench/results/handshake.* and handshake-postgres.*, from the same run.
 
     python -m bench.handshake [--rounds 5] [--handshakes 200] [--concurrency 16]
@@ -26,11 +28,42 @@ VARIANTS = {
     "session_key": "(3) session_key fallback",
     "ticket_query": "(4) ticket in query string",
     "ticket_header": "(5) ticket in Sec-WebSocket-Protocol",
+    "session_key_new": "(6) session_key, each a new session",
 }
+
+# Logged-in sessions of one user made as a login makes them, in one manage.py process: a
+# handshake on one is the first read of that session by any Daphne process, where (3) brings
+# one session again and again, as a page's sockets do, which a process trusts once read.
+NEW_SESSIONS = """
+import os
+from importlib import import_module
+from django.conf import settings
+from django.contrib.auth import BACKEND_SESSION_KEY, HASH_SESSION_KEY, SESSION_KEY
+from django.contrib.auth import get_user_model
+user = get_user_model().objects.get(username=os.environ["USERNAME"])
+for _ in range(int(os.environ["COUNT"])):
+    session = import_module(settings.SESSION_ENGINE).SessionStore()
+    session[SESSION_KEY] = str(user.pk)
+    session[BACKEND_SESSION_KEY] = settings.AUTHENTICATION_BACKENDS[0]
+    session[HASH_SESSION_KEY] = user.get_session_auth_hash()
+    session.create()
+    print("new-session", session.session_key)
+"""
+
+
+def new_sessions(stack, count, username="demo"):
+    """`count` new logged-in session keys of `username` (remembered: they must reach no log)."""
+    made = stack.manage("shell", "-c", NEW_SESSIONS, USERNAME=username, COUNT=str(count))
+    # The shell may print more than we do (Django 5.2 says what it imported).
+    keys = [line.split()[1] for line in made.splitlines() if line.startswith("new-session ")]
+    stack.secrets.update(keys)
+    return keys
 
 
 def requests_for(stack, variant, count, session, key):
     """Everything needed to open `count` sockets the `variant` way (tickets minted now)."""
+    if variant == "session_key_new":
+        return [{"path": f"/ws/whoami/?session_key={k}"} for k in new_sessions(stack, count)]
     if variant == "none":
         return [{"path": "/bench/none/whoami/"}] * count
     if variant == "channels":

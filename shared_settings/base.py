@@ -152,6 +152,13 @@ WS_SESSION_KEY_PARAM = env.str("WS_SESSION_KEY_PARAM", default="session_key")
 WS_TICKET_TTL = env.int("WS_TICKET_TTL", default=30)
 # How often a logged-in socket checks that its session still stands.
 WS_SESSION_RECHECK_SECONDS = env.float("WS_SESSION_RECHECK_SECONDS", default=60)
+# Seconds a Daphne process trusts a session it read (a cookie's or session key's): the
+# page's next socket on it costs no query. Logout and password change end the trust at once;
+# a session deleted otherwise, or a user deactivated, is caught as for an outstanding ticket,
+# at the socket's first re-check, so the window is at most a ticket's. 0: read every time.
+WS_SESSION_TRUST_SECONDS = env.float("WS_SESSION_TRUST_SECONDS", default=min(10, WS_TICKET_TTL))
+if not 0 <= WS_SESSION_TRUST_SECONDS <= WS_TICKET_TTL:
+    raise ImproperlyConfigured("WS_SESSION_TRUST_SECONDS must be 0 to WS_TICKET_TTL.")
 # Messages a socket may send per second, and in one burst, before it is closed with 4429.
 WS_MESSAGE_RATE = env.float("WS_MESSAGE_RATE", default=10)
 WS_MESSAGE_BURST = env.int("WS_MESSAGE_BURST", default=20)

@@ -9,6 +9,7 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.test import Client
 
+from asgi_site import auth
 from tests.stack import Stack, wait_until
 
 
@@ -51,6 +52,20 @@ def alice(db) -> Client:
     client = Client()
     assert client.login(username="alice", password="alice-pass")
     return client
+
+
+@pytest.fixture
+def session_reads(monkeypatch) -> list[str]:
+    """Every session key a handshake read from the database (a spy: the real read runs)."""
+    read: list[str] = []
+    real = auth.session_user
+
+    async def spy(session_key):
+        read.append(session_key)
+        return await real(session_key)
+
+    monkeypatch.setattr(auth, "session_user", spy)
+    return read
 
 
 @pytest.fixture

@@ -420,3 +420,76 @@ def test_secret_key_rotation_with_fallbacks_keeps_the_socket_user(tmp_path):
         stack.stop()
     logs = stack.log_text()
     assert not [secret for secret in stack.secrets if secret in logs]
+
+
+def trusted_lookups(stack):
+    """split_session_lookups_total{source="trusted"}, summed over the stack's Daphnes."""
+    text = requests.get(f"http://127.0.0.1:{stack.metrics_port}/metrics", timeout=5).text
+    found = re.search(r'^split_session_lookups_total\{source="trusted"\} (\S+)$', text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+async def trust_on_each_process(stack, key):
+    """Open and close sockets with `key` on each Daphne process until each trusts it."""
+    for port in stack.daphne_ports:
+        for _ in range(5):
+            before = trusted_lookups(stack)
+            ws, frame = await opened(stack, port=port, query=f"?session_key={key}")
+            await ws.close()
+            assert frame["auth"] == "session_key"
+            if trusted_lookups(stack) > before:
+                break
+        else:
+            raise AssertionError(f"Daphne on {port} never trusted the session it read")
+
+
+def test_a_trusted_session_key_is_anonymous_right_after_logout(cross_stack):
+    """
+    README ("A session read lately is trusted"): logout ends the trust on every process at
+    once, and the next socket on the key is anonymous, not let in and then closed.
+    """
+    session, key = cross_stack.login()
+
+    async def run():
+        await trust_on_each_process(cross_stack, key)
+        response = await asyncio.to_thread(cross_stack.csrf_post, session, "/accounts/logout/")
+        assert response.status_code == 302
+        await asyncio.sleep(0.5)  # the session.end event takes milliseconds
+        frames = []
+        for port in cross_stack.daphne_ports:
+            ws, frame = await opened(cross_stack, port=port, query=f"?session_key={key}")
+            await asyncio.sleep(0.2)
+            frames.append((frame["authenticated"], ws.close_code))
+            await ws.close()
+        return frames
+
+    assert asyncio.run(run()) == [(False, None)] * 2
+
+
+def test_a_session_deleted_while_trusted_is_closed_at_the_first_recheck(cross_stack):
+    """
+    README: a session deleted another way than logout (an admin, `clearsessions`) while a
+    process trusts it opens a socket, as an outstanding ticket would; the first re-check
+    closes it with 4401.
+    """
+    cross_stack.create_user("trusted", "trusted-pass")
+    session, key = cross_stack.login("trusted", "trusted-pass")
+    port = cross_stack.daphne_ports[0]
+
+    async def run():
+        await trust_on_each_process(cross_stack, key)
+        await asyncio.to_thread(
+            cross_stack.manage,
+            "shell",
+            "-c",
+            "import os; from django.contrib.sessions.models import "
+            "Session; Session.objects.filter(pk=os.environ['KEY']).delete()",
+            KEY=key,
+        )
+        before = trusted_lookups(cross_stack)
+        ws, frame = await opened(cross_stack, port=port, query=f"?session_key={key}")
+        assert trusted_lookups(cross_stack) > before, "the deleted session was read, not trusted"
+        return frame["authenticated"], await closed_within(ws)
+
+    known, (code, took) = asyncio.run(run())
+    assert known and code == 4401 and took < 2.5
