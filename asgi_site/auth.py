@@ -283,13 +283,14 @@ class TrustedSessions:
     """
 
     def __init__(self) -> None:
-        self.users: dict[str, tuple[AbstractBaseUser, float]] = {}  # key -> (user, read at)
+        # session_hash(key) -> (user, read at): a session.end event names the session so.
+        self.users: dict[str, tuple[AbstractBaseUser, float]] = {}
         self.ended: dict[Any, float] = {}  # session hash, or ("user", pk) -> when heard
         self.hearing_since = float("inf")  # when this process (re)joined session.end events
         self.pruned = 0.0
 
     def get(self, session_key: str) -> AbstractBaseUser | None:
-        user, read_at = self.users.get(session_key, (None, 0.0))
+        user, read_at = self.users.get(session_hash(session_key), (None, 0.0))
         if user is None or time.monotonic() - read_at >= settings.WS_SESSION_TRUST_SECONDS:
             return None
         # An outage since we joined may have lost events: trust nothing until upkeep rejoins.
@@ -303,23 +304,22 @@ class TrustedSessions:
         now = time.monotonic()
         if now - self.pruned > settings.WS_SESSION_TRUST_SECONDS:
             self.prune(now)
-        ended = max(self.ended.get(session_hash(session_key), 0.0),
-                    self.ended.get(("user", user.pk), 0.0))  # fmt: skip
+        digest = session_hash(session_key)
+        ended = max(self.ended.get(digest, 0.0), self.ended.get(("user", user.pk), 0.0))
         if settings.WS_SESSION_TRUST_SECONDS > 0 and ended < read_at:
-            self.users[session_key] = (user, read_at)
+            self.users[digest] = (user, read_at)
 
     def end(self, event: dict) -> None:
         """A session.end event heard: what it names is read again, from the database."""
         now = time.monotonic()
         if "session" in event:
             self.ended[event["session"]] = now
+            self.users.pop(event["session"], None)
         if "user" in event:
             self.ended[("user", event["user"])] = now
-        self.users = {
-            key: (user, read_at)
-            for key, (user, read_at) in self.users.items()
-            if session_hash(key) != event.get("session") and user.pk != event.get("user")
-        }
+            self.users = {
+                k: entry for k, entry in self.users.items() if entry[0].pk != event["user"]
+            }
 
     def prune(self, now: float) -> None:
         window = settings.WS_SESSION_TRUST_SECONDS

@@ -243,8 +243,10 @@ class Upkeep:
             len(self.sessions),
             took * 1000,
         )
+        # Only the sessions read above are judged: a socket that registered while the query
+        # ran stands on a session read by its own handshake, perhaps not among them.
         for consumer, pair in list(self.sessions.items()):
-            if pair not in standing:
+            if pair in pairs and pair not in standing:
                 self.discard(consumer)
                 await consumer.end_session()
 

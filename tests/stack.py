@@ -36,6 +36,22 @@ from requests.adapters import HTTPAdapter
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_USER, DEMO_PASSWORD = "demo", "demo-pass"
+# Stack.new_sessions, run by manage.py shell.
+NEW_SESSIONS = """
+import os
+from importlib import import_module
+from django.conf import settings
+from django.contrib.auth import BACKEND_SESSION_KEY, HASH_SESSION_KEY, SESSION_KEY
+from django.contrib.auth import get_user_model
+user = get_user_model().objects.get(username=os.environ["USERNAME"])
+for _ in range(int(os.environ["COUNT"])):
+    session = import_module(settings.SESSION_ENGINE).SessionStore()
+    session[SESSION_KEY] = str(user.pk)
+    session[BACKEND_SESSION_KEY] = settings.AUTHENTICATION_BACKENDS[0]
+    session[HASH_SESSION_KEY] = user.get_session_auth_hash()
+    session.create()
+    print("new-session", session.session_key)
+"""
 # A stack's ports, from its base: nginx +0 (HTTPS when PUBLIC_SCHEME=https), its plain-HTTP
 # redirect +2, metrics +3, Gunicorn +1, Daphne +10.., Redis +20 (in Sentinel mode: replica +21,
 # Sentinels +22..+24), PostgreSQL +25.
@@ -394,6 +410,18 @@ class Stack:
             text=True,
             check=True,
         ).stdout
+
+    def new_sessions(self, count, username=DEMO_USER):
+        """
+        `count` new logged-in sessions of `username`, made as a login makes them but without
+        its password hashing, in one manage.py process; return their keys (remembered: they
+        must reach no log).
+        """
+        made = self.manage("shell", "-c", NEW_SESSIONS, USERNAME=username, COUNT=str(count))
+        # The shell may print more than we do (Django 5.2 says what it imported).
+        keys = [line.split()[1] for line in made.splitlines() if line.startswith("new-session ")]
+        self.secrets.update(keys)
+        return keys
 
     def create_user(self, username, password):
         self.manage("demo_user", username, password)

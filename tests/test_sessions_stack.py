@@ -6,6 +6,7 @@ second of a logout there was closed by the session.end event, nothing else.
 """
 
 import asyncio
+import collections
 import hashlib
 import json
 import re
@@ -14,6 +15,7 @@ import time
 
 import pytest
 import requests
+import websockets
 
 from tests.stack import Stack, wait_until
 
@@ -493,3 +495,42 @@ def test_a_session_deleted_while_trusted_is_closed_at_the_first_recheck(cross_st
 
     known, (code, took) = asyncio.run(run())
     assert known and code == 4401 and took < 2.5
+
+
+def test_no_socket_is_ended_by_a_recheck_that_did_not_read_its_session(cross_stack):
+    """
+    Sockets with sessions no process has read yet open while re-checks run every second: a
+    re-check judges only the sessions it read, so none of them is refused (403) or closed
+    (4401). A re-check used to take every socket that registered during its query for ended.
+    """
+    cross_stack.create_user("churn", "churn-pass")
+    keys = cross_stack.new_sessions(1500, "churn")
+    _, key = cross_stack.login("churn", "churn-pass")
+
+    async def one(key, outcomes):
+        try:
+            ws, frame = await opened(cross_stack, query=f"?session_key={key}")
+        except websockets.InvalidStatus as exc:
+            outcomes.append(exc.response.status_code)
+            return
+        await asyncio.sleep(0.05)  # a re-check's close comes within milliseconds
+        outcomes.append(ws.close_code or frame["auth"])
+        await ws.close()
+
+    async def run():
+        # One socket held throughout, so every re-check has a session to read.
+        held, _ = await opened(cross_stack, query=f"?session_key={key}")
+        before, outcomes = rechecks(cross_stack), []
+        queue = list(keys)
+
+        async def worker():
+            while queue:
+                await one(queue.pop(), outcomes)
+
+        await asyncio.gather(*(worker() for _ in range(16)))
+        await held.close()
+        return outcomes, rechecks(cross_stack) - before
+
+    outcomes, rechecked = asyncio.run(run())
+    assert rechecked >= 3, "too few re-checks ran while the sockets opened: nothing proven"
+    assert collections.Counter(outcomes) == {"session_key": len(keys)}

@@ -182,3 +182,31 @@ def test_group_refresh_rejoins_every_socket_when_due_and_not_before():
     not_due, due = async_to_sync(run)()
     assert not_due == (False, False)
     assert due == (True, True)
+
+
+def test_a_socket_registered_during_a_recheck_is_not_judged_by_it():
+    """
+    A re-check judges the sessions it read. A handshake that registers while the re-check's
+    query runs brings a session that query did not read; it must not be taken for ended
+    (it was, and the socket closed with 4401, or 403 if not yet accepted).
+    """
+    from asgi_site.upkeep import Upkeep
+
+    (first, first_pk), (later, later_pk) = sorted(logged_in(2))
+
+    class Socket:
+        ended = False
+
+        async def end_session(self):
+            self.ended = True
+
+    async def run():
+        keep, old, new = Upkeep(), Socket(), Socket()
+        keep.sessions = {old: (first, first_pk)}
+        recheck = asyncio.create_task(keep.recheck_sessions())
+        await asyncio.sleep(0)  # the re-check has read what it judges, and awaits its query
+        keep.sessions[new] = (later, later_pk)
+        await recheck
+        return old.ended, new.ended, new in keep.sessions
+
+    assert async_to_sync(run)() == (False, False, True)
