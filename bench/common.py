@@ -6,6 +6,7 @@ import json
 import multiprocessing
 import os
 import platform
+import re
 import signal
 import statistics
 import sys
@@ -32,7 +33,14 @@ def running_stack(asgi_processes=2, **env):
         tempfile.TemporaryDirectory(prefix="bench-") as state,
         Stack("cross-domain", state, asgi_processes=asgi_processes, env=env) as stack,
     ):
-        yield stack
+        try:
+            yield stack
+        except Exception:
+            # The stack's logs go with its directory: say what they hold of the failure first.
+            notable = re.compile(r"WARNING|ERROR|CRITICAL|Traceback|Error|\" (403|5\d\d) ")
+            lines = [line for line in stack.log_text().splitlines() if notable.search(line)]
+            print("The stack's logs, warnings and errors:", *lines[-60:], sep="\n", file=sys.stderr)
+            raise
 
 
 def fresh_login(stack, name):

@@ -18,7 +18,10 @@ import asyncio
 import contextlib
 import json
 import multiprocessing
+import os
+import random
 import time
+from pathlib import Path
 
 from bench.common import bar_chart, fmt, percentile, running_stack, spread, write
 
@@ -31,39 +34,13 @@ VARIANTS = {
     "session_key_new": "(6) session_key, each a new session",
 }
 
-# Logged-in sessions of one user made as a login makes them, in one manage.py process: a
-# handshake on one is the first read of that session by any Daphne process, where (3) brings
-# one session again and again, as a page's sockets do, which a process trusts once read.
-NEW_SESSIONS = """
-import os
-from importlib import import_module
-from django.conf import settings
-from django.contrib.auth import BACKEND_SESSION_KEY, HASH_SESSION_KEY, SESSION_KEY
-from django.contrib.auth import get_user_model
-user = get_user_model().objects.get(username=os.environ["USERNAME"])
-for _ in range(int(os.environ["COUNT"])):
-    session = import_module(settings.SESSION_ENGINE).SessionStore()
-    session[SESSION_KEY] = str(user.pk)
-    session[BACKEND_SESSION_KEY] = settings.AUTHENTICATION_BACKENDS[0]
-    session[HASH_SESSION_KEY] = user.get_session_auth_hash()
-    session.create()
-    print("new-session", session.session_key)
-"""
-
-
-def new_sessions(stack, count, username="demo"):
-    """`count` new logged-in session keys of `username` (remembered: they must reach no log)."""
-    made = stack.manage("shell", "-c", NEW_SESSIONS, USERNAME=username, COUNT=str(count))
-    # The shell may print more than we do (Django 5.2 says what it imported).
-    keys = [line.split()[1] for line in made.splitlines() if line.startswith("new-session ")]
-    stack.secrets.update(keys)
-    return keys
-
 
 def requests_for(stack, variant, count, session, key):
     """Everything needed to open `count` sockets the `variant` way (tickets minted now)."""
     if variant == "session_key_new":
-        return [{"path": f"/ws/whoami/?session_key={k}"} for k in new_sessions(stack, count)]
+        # A session no process has read yet, each: (3) brings one session again and again,
+        # as a page's sockets do, which a process trusts once it has read it.
+        return [{"path": f"/ws/whoami/?session_key={k}"} for k in stack.new_sessions(count)]
     if variant == "none":
         return [{"path": "/bench/none/whoami/"}] * count
     if variant == "channels":
@@ -97,6 +74,19 @@ async def handshakes(stack, specs, concurrency):
     return latencies, time.perf_counter() - began
 
 
+def daphne_pids(stack):
+    return [int(stack.supervisorctl("pid", program)) for program in stack.daphne_programs]
+
+
+def cpu_seconds(pids):
+    """CPU time (user and system) the processes have used so far, from Linux's /proc."""
+    used = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        used += int(fields[11]) + int(fields[12])  # utime, stime: clock ticks
+    return used / os.sysconf("SC_CLK_TCK")
+
+
 def generator_process(stack, specs, concurrency, results):
     latencies, seconds = asyncio.run(handshakes(stack, specs, concurrency))
     results.put((len(latencies), seconds))
@@ -125,7 +115,7 @@ def with_generators(stack, specs, concurrency, processes):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--handshakes", type=int, default=200)
+    parser.add_argument("--handshakes", type=int, default=600)
     parser.add_argument("--concurrency", type=int, default=16)
     args = parser.parse_args()
     names = list(VARIANTS)
@@ -140,18 +130,22 @@ def main():
             session, key = logins[db]
             warm_up = requests_for(stack, "session_key", 50, session, key)
             asyncio.run(handshakes(stack, warm_up, 8))
+        daphnes = {db: daphne_pids(stack) for db, stack in stacks.items()}
         for round_ in range(args.rounds):
-            order = names[round_ % len(names) :] + names[: round_ % len(names)]
-            for name in order:
+            # A new order each round: each way runs in every position and after different
+            # ways, so neither decides a comparison (a rotation keeps who runs after whom).
+            for name in random.Random(round_).sample(names, len(names)):
                 for db in databases if round_ % 2 == 0 else reversed(databases):
                     stack, (session, key) = stacks[db], logins[db]
                     specs = requests_for(stack, name, args.handshakes, session, key)
+                    cpu = cpu_seconds(daphnes[db])
                     latencies, seconds = asyncio.run(handshakes(stack, specs, args.concurrency))
                     runs[db][name].append(
                         {
                             "rate": len(latencies) / seconds,
                             "p50": percentile(latencies, 0.5),
                             "p99": percentile(latencies, 0.99),
+                            "cpu_ms": (cpu_seconds(daphnes[db]) - cpu) / len(latencies) * 1000,
                         }
                     )
             stack, (session, key) = stacks["sqlite"], logins["sqlite"]
@@ -194,11 +188,19 @@ def report_postgres(runs, args):
 
 def report(runs, generators, args):
     figures = {"settings": vars(args), "variants": {}}
-    table = [["way", "handshakes/s", "p50 ms", "p99 ms", "÷ (1) none", "÷ (2) Channels"]]
+    table = [
+        ["way", "handshakes/s", "p50 ms", "p99 ms", "÷ (1) none", "÷ (2) Channels",
+         "Daphne CPU ms each", "(1)'s CPU ÷ this"],
+    ]  # fmt: skip
     for name, label in VARIANTS.items():
         rates = [r["rate"] for r in runs[name]]
         # Ratios within each round: A and B measured side by side, minutes apart at most.
         to_none = [r["rate"] / n["rate"] for r, n in zip(runs[name], runs["none"], strict=True)]
+        # The same comparison by Daphne's CPU time per handshake, which a busy machine does
+        # not stretch as it stretches the clock: it says the rate ratio is not noise.
+        cpu_to_none = [
+            n["cpu_ms"] / r["cpu_ms"] for r, n in zip(runs[name], runs["none"], strict=True)
+        ]
         to_channels = [
             r["rate"] / c["rate"] for r, c in zip(runs[name], runs["channels"], strict=True)
         ]
@@ -209,6 +211,8 @@ def report(runs, generators, args):
             "p99_ms": spread([r["p99"] * 1000 for r in runs[name]]),
             "ratio_to_none": spread(to_none),
             "ratio_to_channels": spread(to_channels),
+            "daphne_cpu_ms": spread([r["cpu_ms"] for r in runs[name]]),
+            "cpu_ratio_to_none": spread(cpu_to_none),
         }
         figures["variants"][name] = entry
         table.append(
@@ -219,6 +223,8 @@ def report(runs, generators, args):
                 fmt(entry["p99_ms"], 1),
                 fmt(entry["ratio_to_none"], 2),
                 fmt(entry["ratio_to_channels"], 2),
+                fmt(entry["daphne_cpu_ms"], 2),
+                fmt(entry["cpu_ratio_to_none"], 2),
             ]
         )
     one, two = spread(generators[1]), spread(generators[2])
@@ -237,6 +243,8 @@ def report(runs, generators, args):
             "",
             "",
             f"×{figures['generator']['ratio_two_to_one']['median']:.2f}",
+            "",
+            "",
         ]
     )
     write("handshake", figures, table)
