@@ -5,6 +5,7 @@ once, held, and reached by one announcement.
 
 import asyncio
 import json
+import re
 import statistics
 import threading
 import time
@@ -22,6 +23,17 @@ def rss_kib(pid):
 
 def daphne_rss(stack):
     return sum(rss_kib(int(stack.supervisorctl("pid", p).strip())) for p in stack.daphne_programs)
+
+
+def fanout_totals(stack):
+    """(seconds, count) of split_fanout_seconds so far, summed over the Daphne processes."""
+    text = stack.metrics()
+    return tuple(
+        sum(
+            float(value) for value in re.findall(rf"^split_fanout_seconds_{part} (\S+)", text, re.M)
+        )
+        for part in ("sum", "count")
+    )
 
 
 async def open_sockets(stack, key, count):
@@ -57,6 +69,7 @@ async def soak(stack, sockets=5000, hold=60):
         return frame
 
     receivers = [asyncio.create_task(receive(ws)) for ws in opened]
+    fanout_before = fanout_totals(stack)
     sent = time.monotonic()
     response = await asyncio.to_thread(
         stack.csrf_post, session, "/announce/", json={"text": "soak"}
@@ -65,6 +78,10 @@ async def soak(stack, sockets=5000, hold=60):
     delivered = sum(isinstance(f, dict) and f.get("text") == "soak" for f in frames)
     await asyncio.gather(*(ws.close() for ws in opened))
     delays = sorted(t - sent for t in arrivals)
+    # Daphne's own time, from the announcement recorded to its last socket handed it: the
+    # client's times above include reading every frame in this one process.
+    (seconds, count), (seconds_before, count_before) = fanout_totals(stack), fanout_before
+    handed = (seconds - seconds_before) / (count - count_before) if count > count_before else None
     return {
         "sockets": sockets,
         "daphne_processes": len(stack.daphne_ports),
@@ -76,6 +93,7 @@ async def soak(stack, sockets=5000, hold=60):
         "delivery_first_ms": round(delays[0] * 1000, 1) if delays else None,
         "delivery_median_ms": round(statistics.median(delays) * 1000, 1) if delays else None,
         "delivery_last_ms": round(delays[-1] * 1000, 1) if delays else None,
+        "daphne_fanout_ms": round(handed * 1000, 1) if handed is not None else None,
         "daphne_rss_baseline_mib": round(baseline / 1024, 1),
         "daphne_rss_loaded_mib": round(loaded / 1024, 1),
         "kib_per_socket": round((loaded - baseline) / sockets, 1),

@@ -423,6 +423,12 @@ class Stack:
         self.secrets.update(keys)
         return keys
 
+    def metrics(self):
+        """What the metrics exporter serves now (Prometheus text), from every process."""
+        response = requests.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5)
+        response.raise_for_status()
+        return response.text
+
     def create_user(self, username, password):
         self.manage("demo_user", username, password)
 

@@ -426,8 +426,9 @@ def test_secret_key_rotation_with_fallbacks_keeps_the_socket_user(tmp_path):
 
 def trusted_lookups(stack):
     """split_session_lookups_total{source="trusted"}, summed over the stack's Daphnes."""
-    text = requests.get(f"http://127.0.0.1:{stack.metrics_port}/metrics", timeout=5).text
-    found = re.search(r'^split_session_lookups_total\{source="trusted"\} (\S+)$', text, re.M)
+    found = re.search(
+        r'^split_session_lookups_total\{source="trusted"\} (\S+)$', stack.metrics(), re.M
+    )
     return float(found.group(1)) if found else 0.0
 
 

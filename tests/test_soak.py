@@ -13,3 +13,4 @@ def test_a_few_hundred_sockets_held_and_all_reached(cross_stack):
     assert figures["still_open_after_hold"] == 300
     assert figures["announce_status"] == 200
     assert figures["delivered"] == 300
+    assert 0 < figures["daphne_fanout_ms"] < figures["delivery_last_ms"]
