@@ -11,7 +11,9 @@ a logged-in user, then a ticket, then the session key.
 
 import asyncio
 import contextlib
+import copy
 import logging
+import math
 import re
 import time
 import uuid
@@ -86,7 +88,8 @@ class SessionAuthMiddleware:
         if "session" not in scope:
             raise ValueError("SessionAuthMiddleware needs to run inside of SessionMiddleware.")
         scope = dict(scope)
-        # When the session was read: a logout after this still ends the socket (upkeep).
+        # When the handshake looked its session up: a logout heard after this still ends the
+        # socket (upkeep); one heard before it ended any trust in the session (TrustedSessions).
         scope["authenticated_at"] = time.monotonic()
         scope["session"], scope["auth"], scope["user"] = await authenticate(scope)
         return await self.inner(scope, receive, send)
@@ -293,24 +296,34 @@ class TrustedSessions:
         user, read_at = self.users.get(session_hash(session_key), (None, 0.0))
         if user is None or time.monotonic() - read_at >= settings.WS_SESSION_TRUST_SECONDS:
             return None
-        # An outage since we joined may have lost events: trust nothing until upkeep rejoins.
         layer = get_channel_layer()
+        # Read while Redis was out, or before we (re)joined the events after an outage: an
+        # event may have been lost, so it is read again.
         if getattr(layer, "in_outage", False):
             return None
-        return user if read_at >= self.hearing_since > getattr(layer, "last_outage", 0.0) else None
+        if not read_at >= self.hearing_since > getattr(layer, "last_outage", 0.0):
+            return None
+        return copy.copy(user)  # each socket its own, as a read would give it
 
     def keep(self, session_key: str, user: AbstractBaseUser, read_at: float) -> None:
-        """Trust what was read at `read_at`, unless its session ended since then."""
-        now = time.monotonic()
-        if now - self.pruned > settings.WS_SESSION_TRUST_SECONDS:
-            self.prune(now)
+        """Trust what was read at `read_at`, unless its session or user ended lately."""
+        self.prune_when_due()
         digest = session_hash(session_key)
-        ended = max(self.ended.get(digest, 0.0), self.ended.get(("user", user.pk), 0.0))
-        if settings.WS_SESSION_TRUST_SECONDS > 0 and ended < read_at:
-            self.users[digest] = (user, read_at)
+        heard = max(self.ended.get(digest, -math.inf), self.ended.get(("user", user.pk), -math.inf))
+        # Not even a read begun after the event: Django sends user_logged_out before it
+        # deletes the session, so such a read may still have found it. (A read older than
+        # the window is refused by get() anyway.)
+        if time.monotonic() - heard < settings.WS_SESSION_TRUST_SECONDS:
+            return
+        if settings.WS_SESSION_TRUST_SECONDS > 0:
+            self.users[digest] = (copy.copy(user), read_at)  # apart from the reader's
 
     def end(self, event: dict) -> None:
-        """A session.end event heard: what it names is read again, from the database."""
+        """
+        A session.end event heard, or a re-check that found a session gone: what it names is
+        read from the database for every handshake for WS_SESSION_TRUST_SECONDS.
+        """
+        self.prune_when_due()
         now = time.monotonic()
         if "session" in event:
             self.ended[event["session"]] = now
@@ -321,8 +334,12 @@ class TrustedSessions:
                 k: entry for k, entry in self.users.items() if entry[0].pk != event["user"]
             }
 
-    def prune(self, now: float) -> None:
-        window = settings.WS_SESSION_TRUST_SECONDS
+    def prune_when_due(self) -> None:
+        # Whatever is older than the window is of no use: get() refuses reads that old, and
+        # a read that straddled a forgotten event is one of them.
+        now, window = time.monotonic(), settings.WS_SESSION_TRUST_SECONDS
+        if now - self.pruned <= window:
+            return
         self.users = {k: entry for k, entry in self.users.items() if now - entry[1] < window}
         self.ended = {k: heard for k, heard in self.ended.items() if now - heard < window}
         self.pruned = now
@@ -406,10 +423,10 @@ def authenticated_user(
     if pk is None or backend_path not in settings.AUTHENTICATION_BACKENDS:
         return None
     user = get_user(load_backend(backend_path), pk)
-    session_hash = session.get(HASH_SESSION_KEY)
-    if user is None or not session_hash:
+    stored_hash = session.get(HASH_SESSION_KEY)
+    if user is None or not stored_hash:
         return None
     hashes = [user.get_session_auth_hash(), *user.get_session_auth_fallback_hash()]
-    if any(constant_time_compare(session_hash, known) for known in hashes):
+    if any(constant_time_compare(stored_hash, known) for known in hashes):
         return user
     return None

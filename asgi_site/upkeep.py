@@ -36,7 +36,7 @@ from django.db import DatabaseError
 from redis.commands.core import AsyncScript
 
 from contract.batching import batched
-from contract.groups import SESSION_EVENTS, session_hash
+from contract.groups import SESSION_EVENTS, session_end, session_hash
 from contract.layers import LAYER_ERRORS
 from contract.redis_clients import async_client
 from contract.user_sockets import ADMIT, USER_SOCKETS_KEY, counted_seconds
@@ -243,10 +243,13 @@ class Upkeep:
             len(self.sessions),
             took * 1000,
         )
+        ended = pairs - standing
+        for session_key, _ in ended:  # and the next handshake on it reads it again
+            trusted_sessions().end(session_end(session_key=session_key))
         # Only the sessions read above are judged: a socket that registered while the query
         # ran stands on a session read by its own handshake, perhaps not among them.
         for consumer, pair in list(self.sessions.items()):
-            if pair in pairs and pair not in standing:
+            if pair in ended:
                 self.discard(consumer)
                 await consumer.end_session()
 

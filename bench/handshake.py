@@ -132,8 +132,9 @@ def main():
             asyncio.run(handshakes(stack, warm_up, 8))
         daphnes = {db: daphne_pids(stack) for db, stack in stacks.items()}
         for round_ in range(args.rounds):
-            # A new order each round: each way runs in every position and after different
-            # ways, so neither decides a comparison (a rotation keeps who runs after whom).
+            # A new order each round (the same in every run, seeded by the round): a way runs
+            # in different positions and after different ways, so neither decides a comparison
+            # (a rotation keeps who runs after whom).
             for name in random.Random(round_).sample(names, len(names)):
                 for db in databases if round_ % 2 == 0 else reversed(databases):
                     stack, (session, key) = stacks[db], logins[db]

@@ -5,7 +5,6 @@ once, held, and reached by one announcement.
 
 import asyncio
 import json
-import re
 import statistics
 import threading
 import time
@@ -27,13 +26,7 @@ def daphne_rss(stack):
 
 def fanout_totals(stack):
     """(seconds, count) of split_fanout_seconds so far, summed over the Daphne processes."""
-    text = stack.metrics()
-    return tuple(
-        sum(
-            float(value) for value in re.findall(rf"^split_fanout_seconds_{part} (\S+)", text, re.M)
-        )
-        for part in ("sum", "count")
-    )
+    return tuple(stack.metric(f"split_fanout_seconds_{part}") for part in ("sum", "count"))
 
 
 async def open_sockets(stack, key, count):

@@ -32,6 +32,7 @@ from typing import TypeVar
 
 import requests
 import websockets
+from prometheus_client.parser import text_string_to_metric_families
 from requests.adapters import HTTPAdapter
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -428,6 +429,15 @@ class Stack:
         response = requests.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5)
         response.raise_for_status()
         return response.text
+
+    def metric(self, name, **labels):
+        """The sample `name` with exactly `labels`, as the exporter serves it now; 0 if none."""
+        return sum(
+            sample.value
+            for family in text_string_to_metric_families(self.metrics())
+            for sample in family.samples
+            if sample.name == name and sample.labels == labels
+        )
 
     def create_user(self, username, password):
         self.manage("demo_user", username, password)

@@ -13,9 +13,13 @@ import pytest
 from asgiref.sync import async_to_sync, sync_to_async
 from channels.layers import get_channel_layer
 from django.contrib.auth import get_user_model
+from django.contrib.sessions.models import Session
+from django.test import Client
 
 from asgi_site import auth
+from asgi_site.upkeep import upkeep
 from contract.groups import session_end
+from contract.layers import ResilientRedisChannelLayer
 from tests.sockets import communicator
 
 pytestmark = pytest.mark.django_db
@@ -86,20 +90,31 @@ def test_logout_ends_the_trust_and_the_next_socket_is_anonymous(alice, session_k
 
 
 def test_a_password_change_ends_the_trust_in_every_session_of_the_user(alice, session_key):
+    other = Client()
+    assert other.login(username="alice", password="alice-pass")
+    keys = [session_key, other.session.session_key]
+
     async def run():
-        await trusted_until_read(session_key, query=f"session_key={session_key}")
+        for key in keys:
+            await trusted_until_read(key, query=f"session_key={key}")
+        trusted = [auth.trusted_sessions().get(key) is not None for key in keys]
         user = await get_user_model().objects.aget(username="alice")
         user.set_password("alice-pass-2")
         await user.asave()  # Django tells our password validator: a session.end for the user
-        await ended(session_key)
-        return await frame(query=f"session_key={session_key}")
+        for key in keys:
+            await ended(key)
+        return trusted, [await frame(query=f"session_key={key}") for key in keys]
 
-    # Django keeps the changing session logged in over HTTP only by cycling its key; this
-    # one was changed from outside a request, so it no longer authenticates.
-    assert async_to_sync(run)()["authenticated"] is False
+    trusted, frames = async_to_sync(run)()
+    assert trusted == [True, True]
+    # Django keeps the changing session logged in over HTTP only by cycling its key; these
+    # were changed from outside a request, so they no longer authenticate.
+    assert [f["authenticated"] for f in frames] == [False, False]
 
 
 def test_no_trust_while_the_channel_layer_is_out(session_key, session_reads, monkeypatch):
+    # The in-memory layer of these tests has no outages: we set what the Redis layer would.
+    assert {"in_outage", "last_outage"} <= set(vars(ResilientRedisChannelLayer))
     layer = get_channel_layer()
 
     async def run():
@@ -113,16 +128,24 @@ def test_no_trust_while_the_channel_layer_is_out(session_key, session_reads, mon
         after = auth.trusted_sessions().get(session_key)
         before = len(session_reads)
         answer = await frame(query=f"session_key={session_key}")
-        return during, after, answer, len(session_reads) - before
+        # Upkeep joins the events again (asgi_site.upkeep.Upkeep.join_events): trusted again.
+        auth.trusted_sessions().hearing_since = time.monotonic()
+        await frame(query=f"session_key={session_key}")
+        rejoined = len(session_reads) - before
+        await frame(query=f"session_key={session_key}")
+        return during, after, answer, rejoined, len(session_reads) - before
 
-    during, after, answer, new_reads = async_to_sync(run)()
+    during, after, answer, rejoined, reads = async_to_sync(run)()
     assert (during, after) == (None, None)
-    assert (answer["auth"], new_reads) == ("session_key", 1)  # read again, still known
+    assert answer["auth"] == "session_key"  # read again, still known
+    assert (rejoined, reads) == (2, 2)  # read once after the rejoin, then trusted
 
 
-def test_a_read_that_straddles_its_logout_is_not_kept(session_key):
+def test_a_read_near_its_logout_is_not_kept(session_key, settings):
     """Django sends user_logged_out before it deletes the session: a read begun before the
-    event may still find it, and must not be trusted after."""
+    event, or just after it, may still find it, and must not be trusted. Once the window has
+    passed, the event is forgotten (a read then would not find the session)."""
+    settings.WS_SESSION_TRUST_SECONDS = 0.3
 
     async def run():
         trusted = auth.trusted_sessions()
@@ -131,13 +154,49 @@ def test_a_read_that_straddles_its_logout_is_not_kept(session_key):
         read_at = time.monotonic()
         trusted.end(session_end(session_key=session_key))
         trusted.keep(session_key, user, read_at)
-        kept_straddling = trusted.get(session_key)
+        straddling = trusted.get(session_key)
         trusted.keep(session_key, user, time.monotonic())
-        return kept_straddling, trusted.get(session_key)
+        after = trusted.get(session_key)
+        await asyncio.sleep(0.35)
+        trusted.keep(session_key, user, time.monotonic())
+        return straddling, after, trusted.get(session_key)
 
-    straddling, later = async_to_sync(run)()
-    assert straddling is None
-    assert later is not None and later.get_username() == "alice"  # read after: trusted
+    straddling, after, forgotten = async_to_sync(run)()
+    assert (straddling, after) == (None, None)
+    assert forgotten is not None and forgotten.get_username() == "alice"
+
+
+def test_a_session_a_recheck_finds_gone_is_trusted_no_more(session_key):
+    """Deleted with no session.end event: the re-check that closes its sockets (4401) also
+    ends the trust, so the next handshake reads it, and finds it gone."""
+    query = f"session_key={session_key}"
+
+    async def run():
+        await trusted_until_read(session_key, query=query)
+        socket = communicator(query=query)
+        assert (await socket.connect())[0]
+        await socket.receive_json_from()
+        await Session.objects.filter(pk=session_key).adelete()
+        before = auth.trusted_sessions().get(session_key) is not None  # nothing told us
+        await upkeep().recheck_sessions()
+        closed = await socket.receive_output(timeout=3)
+        return before, auth.trusted_sessions().get(session_key), closed
+
+    before, after, closed = async_to_sync(run)()
+    assert before is True and after is None
+    assert closed == {"type": "websocket.close", "code": 4401}
+
+
+def test_each_socket_gets_its_own_user(session_key):
+    """A trusted user is copied for each socket: one socket changing it changes no other's."""
+
+    async def run():
+        await trusted_until_read(session_key, query=f"session_key={session_key}")
+        first, second = (auth.trusted_sessions().get(session_key) for _ in range(2))
+        first.first_name = "changed"
+        return first is second, auth.trusted_sessions().get(session_key).first_name
+
+    assert async_to_sync(run)() == (False, "")
 
 
 def test_trust_lasts_ws_session_trust_seconds(session_key, session_reads, settings):
