@@ -78,13 +78,25 @@ return admitted
 """
 )
 # Vouch for open sockets: KEYS[i] holds ARGV[i]; the last ARGV is the staleness window.
+# Each user's set is made to outlive the window once, however many of its sockets are here.
 VOUCH_SCRIPT = """
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
 local window = math.ceil(tonumber(ARGV[#ARGV]))
+local kept = {}
 for i, key in ipairs(KEYS) do
     redis.call('ZADD', key, now, ARGV[i])
-    redis.call('EXPIRE', key, window)
+    if not kept[key] then
+        redis.call('EXPIRE', key, window)
+        kept[key] = true
+    end
+end
+return #KEYS
+"""
+# Take each socket ARGV[i] out of its user's count KEYS[i].
+UNCOUNT_SCRIPT = """
+for i, key in ipairs(KEYS) do
+    redis.call('ZREM', key, ARGV[i])
 end
 return #KEYS
 """
@@ -152,6 +164,8 @@ class Upkeep:
     async def ready(self) -> None:
         """Wait, briefly, until this process hears session.end events: a logout right after
         the first handshakes of a process must not be missed."""
+        if self.listening.is_set():  # as it is for all but a process's first handshakes
+            return
         # Past the wait, Redis is down: the re-check stands in until upkeep joins again.
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.listening.wait(), LISTEN_WAIT_SECONDS)
@@ -331,7 +345,7 @@ async def admit_sockets(sockets: list[tuple[str, str]]) -> list[bool]:
     Called for one (Redis key, socket id): True if counted, False if its user is at the cap.
     Every handshake waiting at once is counted in one script call.
     """
-    script = AsyncScript(async_client(), ADMIT_SCRIPT)  # EVALSHA: the body is not resent
+    script = AsyncScript(async_client("admit"), ADMIT_SCRIPT)  # EVALSHA: the body is not resent
     keys, ids = [key for key, _ in sockets], [socket_id for _, socket_id in sockets]
     cap = settings.WS_MAX_SOCKETS_PER_USER
     return [bool(n) for n in await script(keys=keys, args=[*ids, cap, counted_seconds()])]
@@ -340,11 +354,9 @@ async def admit_sockets(sockets: list[tuple[str, str]]) -> list[bool]:
 @batched(linger=UNCOUNT_LINGER)
 async def uncount_sockets(sockets: list[tuple[str, str]]) -> list[None]:
     """Called for one (Redis key, socket id): out of its user's count. Every socket closing at
-    once is taken out in one round trip."""
-    pipe = async_client().pipeline(transaction=False)
-    for key, socket_id in sockets:
-        pipe.zrem(key, socket_id)
-    await pipe.execute()
+    once is taken out in one script call."""
+    keys, ids = [key for key, _ in sockets], [socket_id for _, socket_id in sockets]
+    await AsyncScript(async_client("uncount"), UNCOUNT_SCRIPT)(keys=keys, args=ids)
     return [None] * len(sockets)
 
 

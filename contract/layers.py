@@ -12,7 +12,7 @@ from django.dispatch import Signal
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from .redis_clients import blocking_pool
+from .redis_clients import async_pool
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class ResilientRedisChannelLayer(RedisChannelLayer):
         host = dict(self.hosts[index])
         host.setdefault("socket_timeout", READ_TIMEOUT)
         host.setdefault("socket_connect_timeout", CONNECT_TIMEOUT)
-        pool = blocking_pool(
+        pool = async_pool(
             host.pop("address"), max_connections=POOL_SIZE, timeout=POOL_WAIT_SECONDS, **host
         )
         # A ?socket_timeout= in the URL wins over the default above: refuse one that would

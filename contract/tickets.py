@@ -218,6 +218,6 @@ async def redeem_and_count(entries: list[tuple[str, str]]) -> list[tuple[Any, An
     """
     keys, ids = [key for key, _ in entries], [socket_id for _, socket_id in entries]
     cap = settings.WS_MAX_SOCKETS_PER_USER
-    script = AsyncScript(async_client(), REDEEM_SCRIPT)  # EVALSHA: the body is not resent
+    script = AsyncScript(async_client("redeem"), REDEEM_SCRIPT)  # EVALSHA: the body is not resent
     answers = await script(keys=keys, args=[*ids, cap, counted_seconds()])
     return [(sealed, user, {1: True, 0: False}.get(n)) for sealed, user, n in answers]

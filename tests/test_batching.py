@@ -4,6 +4,7 @@ one round trip, each gets its own answer, and a failure reaches exactly its batc
 """
 
 import asyncio
+import math
 
 import pytest
 from asgiref.sync import async_to_sync
@@ -13,6 +14,7 @@ from django.test import Client
 from asgi_site import auth, upkeep
 from contract.batching import batched
 from contract.redis_clients import async_client
+from contract.user_sockets import counted_seconds
 from tests.sockets import communicator
 
 
@@ -110,12 +112,14 @@ def test_handshakes_at_once_read_their_sessions_together(monkeypatch, redis_serv
 
 
 def test_admissions_at_once_keep_the_cap_in_one_script_call(redis_server, settings):
-    """10 sockets of one user counted at once under a cap of 3: the first 3 in, in order,
-    and Redis reads one request for all of them."""
+    """10 sockets of one user counted at once under a cap of 3 (one counted before): the
+    first 2 in, in order, and Redis reads one request for all of them."""
     settings.WS_MAX_SOCKETS_PER_USER = 3
 
     async def run():
         client = async_client()
+        # Its first call opens the connection batches keep (a handshake of a few requests).
+        await upkeep.admit_sockets(("ws-user-sockets:batch", "first"))
         before = (await client.info("stats"))["total_reads_processed"]
         admitted = await asyncio.gather(
             *(upkeep.admit_sockets(("ws-user-sockets:batch", f"socket{n}")) for n in range(10))
@@ -125,7 +129,55 @@ def test_admissions_at_once_keep_the_cap_in_one_script_call(redis_server, settin
         await client.aclose()
         return admitted, reads
 
-    assert asyncio.run(run()) == ([True] * 3 + [False] * 7, 1)
+    assert asyncio.run(run()) == ([True] * 2 + [False] * 8, 1)
+
+
+def test_sockets_leaving_at_once_are_taken_out_in_one_script_call(redis_server):
+    """10 counted sockets of two users close at once: all leave their counts, in one request
+    to Redis, and a socket still open stays counted."""
+
+    async def run():
+        client = async_client()
+        sockets = [(f"ws-user-sockets:leave{n % 2}", f"socket{n}") for n in range(11)]
+        assert all(await asyncio.gather(*(upkeep.admit_sockets(s) for s in sockets)))
+        await upkeep.uncount_sockets(("ws-user-sockets:leave0", "none"))  # opens its connection
+        before = (await client.info("stats"))["total_reads_processed"]
+        await asyncio.gather(*(upkeep.uncount_sockets(s) for s in sockets[:10]))
+        reads = (await client.info("stats"))["total_reads_processed"] - before - 1  # an INFO
+        left = [await client.zrange(f"ws-user-sockets:leave{n}", 0, -1) for n in (0, 1)]
+        await client.delete("ws-user-sockets:leave0", "ws-user-sockets:leave1")
+        await client.aclose()
+        return reads, left
+
+    assert asyncio.run(run()) == (1, [[b"socket10"], []])
+
+
+def test_a_recheck_vouches_for_each_users_count_once(redis_server):
+    """A re-check vouches for 12 sockets of 3 users: each socket's score is refreshed, and
+    each user's set made to outlive the window once, not once per socket (EXPIRE 3 times)."""
+
+    class Socket:
+        closed = False
+
+    async def run():
+        client = async_client()
+        keep = upkeep.Upkeep()
+        for n in range(12):
+            keep.counted[Socket()] = (f"ws-user-sockets:vouch{n % 3}", f"socket{n}")
+        calls = "cmdstat_expire", "cmdstat_zadd"
+        before = await client.info("commandstats")
+        await keep.vouch_for_sockets()
+        after = await client.info("commandstats")
+        done = [after[c]["calls"] - before.get(c, {}).get("calls", 0) for c in calls]
+        sizes = [await client.zcard(f"ws-user-sockets:vouch{n}") for n in range(3)]
+        ttls = [await client.ttl(f"ws-user-sockets:vouch{n}") for n in range(3)]
+        await client.delete(*(f"ws-user-sockets:vouch{n}" for n in range(3)))
+        await client.aclose()
+        return done, sizes, ttls
+
+    done, sizes, ttls = asyncio.run(run())
+    assert done == [3, 12] and sizes == [4, 4, 4]
+    assert all(0 < ttl <= math.ceil(counted_seconds()) for ttl in ttls), ttls
 
 
 @pytest.mark.django_db(transaction=True)
