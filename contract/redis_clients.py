@@ -79,8 +79,9 @@ def async_client(purpose: str | None = None) -> redis.asyncio.Redis:
     """
     The client of the socket side, for the running event loop. With a `purpose`, a client
     with a pool of its own, for a caller that never has two commands under way (a @batched
-    function runs one batch at a time): a pool that never waits for a free connection. The
-    blocking pool's wait costs about a quarter of a short command's CPU.
+    function runs one batch at a time): redis-py's stock pool, which skips the blocking
+    pool's condition and timeout on every command (about 70 of the 290 µs of CPU a short
+    script call took here).
     """
     clients = _async_clients.setdefault(asyncio.get_running_loop(), {})
     if purpose not in clients:
@@ -94,6 +95,12 @@ def async_client(purpose: str | None = None) -> redis.asyncio.Redis:
             pool = async_pool(settings.REDIS_URL, blocking=False, **CLIENT_OPTIONS)
         clients[purpose] = redis.asyncio.Redis.from_pool(pool)
     return clients[purpose]
+
+
+async def close_async_clients() -> None:
+    """Close every client of the running event loop (one that is about to end)."""
+    for client in _async_clients.pop(asyncio.get_running_loop(), {}).values():
+        await client.aclose()
 
 
 class BlockingSentinelConnectionPool(SentinelConnectionPool, redis.asyncio.BlockingConnectionPool):

@@ -13,7 +13,7 @@ from django.test import Client
 
 from asgi_site import auth, upkeep
 from contract.batching import batched
-from contract.redis_clients import async_client
+from contract.redis_clients import async_client, close_async_clients
 from contract.user_sockets import counted_seconds
 from tests.sockets import communicator
 
@@ -126,7 +126,7 @@ def test_admissions_at_once_keep_the_cap_in_one_script_call(redis_server, settin
         )
         reads = (await client.info("stats"))["total_reads_processed"] - before - 1  # an INFO
         await client.delete("ws-user-sockets:batch")
-        await client.aclose()
+        await close_async_clients()
         return admitted, reads
 
     assert asyncio.run(run()) == ([True] * 2 + [False] * 8, 1)
@@ -142,14 +142,16 @@ def test_sockets_leaving_at_once_are_taken_out_in_one_script_call(redis_server):
         assert all(await asyncio.gather(*(upkeep.admit_sockets(s) for s in sockets)))
         await upkeep.uncount_sockets(("ws-user-sockets:leave0", "none"))  # opens its connection
         before = (await client.info("stats"))["total_reads_processed"]
+        scripts = (await client.info("commandstats"))["cmdstat_evalsha"]["calls"]
         await asyncio.gather(*(upkeep.uncount_sockets(s) for s in sockets[:10]))
-        reads = (await client.info("stats"))["total_reads_processed"] - before - 1  # an INFO
+        reads = (await client.info("stats"))["total_reads_processed"] - before - 2  # INFOs
+        scripts = (await client.info("commandstats"))["cmdstat_evalsha"]["calls"] - scripts
         left = [await client.zrange(f"ws-user-sockets:leave{n}", 0, -1) for n in (0, 1)]
         await client.delete("ws-user-sockets:leave0", "ws-user-sockets:leave1")
-        await client.aclose()
-        return reads, left
+        await close_async_clients()
+        return reads, scripts, left
 
-    assert asyncio.run(run()) == (1, [[b"socket10"], []])
+    assert asyncio.run(run()) == (1, 1, [[b"socket10"], []])  # one request, one script call
 
 
 def test_a_recheck_vouches_for_each_users_count_once(redis_server):
@@ -172,7 +174,7 @@ def test_a_recheck_vouches_for_each_users_count_once(redis_server):
         sizes = [await client.zcard(f"ws-user-sockets:vouch{n}") for n in range(3)]
         ttls = [await client.ttl(f"ws-user-sockets:vouch{n}") for n in range(3)]
         await client.delete(*(f"ws-user-sockets:vouch{n}" for n in range(3)))
-        await client.aclose()
+        await close_async_clients()
         return done, sizes, ttls
 
     done, sizes, ttls = asyncio.run(run())

@@ -21,6 +21,7 @@ from django.test import Client
 from django.utils import timezone
 
 from contract import tickets
+from contract.redis_clients import close_async_clients
 from tests.sockets import communicator, handshake, whoami
 
 pytestmark = pytest.mark.django_db
@@ -189,7 +190,7 @@ def test_concurrent_redeem_hands_out_the_session_key_once(redis_server):
     README: a ticket opens "one socket, once", "read and deleted in one Redis script". 20
     redemptions race, as 20 Daphne processes would: each on an event loop of its own, so on a
     Redis connection of its own (within one loop, redemptions waiting at once share one
-    pipeline: contract.batching). They get the key once. The control, GET then DEL in two
+    script call: contract.batching). They get the key once. The control, GET then DEL in two
     commands, hands it out more than once in the same race: this test can tell an atomic
     redemption from one that is not.
     """
@@ -199,12 +200,13 @@ def test_concurrent_redeem_hands_out_the_session_key_once(redis_server):
         start = threading.Barrier(20)
 
         async def one():
-            await tickets.async_client().ping()  # connected first, then all at once
+            for purpose in (None, "redeem"):  # connected first, then all at once
+                await tickets.async_client(purpose).ping()
             start.wait()
             try:
                 return await redeem(ticket, "/ws/live/")
             finally:
-                await tickets.async_client().aclose()
+                await close_async_clients()
 
         with ThreadPoolExecutor(20) as pool:
             return list(pool.map(lambda _: asyncio.run(one()), range(20)))
@@ -238,7 +240,7 @@ def test_redemptions_waiting_at_once_share_one_round_trip(redis_server):
         before = (await client.info("stats"))["total_reads_processed"]
         got = await asyncio.gather(*(redeem(ticket) for ticket in minted))
         reads = (await client.info("stats"))["total_reads_processed"] - before - 1  # an INFO
-        await client.aclose()
+        await close_async_clients()
         return got, reads
 
     got, reads = asyncio.run(reads_for(lambda ticket: tickets.redeem(ticket, "/ws/live/")))
