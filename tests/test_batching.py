@@ -118,7 +118,7 @@ def test_admissions_at_once_keep_the_cap_in_one_script_call(redis_server, settin
 
     async def run():
         client = async_client()
-        # Its first call opens the connection batches keep (a handshake of a few requests).
+        # Its first call connects the pool of the "admit" batches (a handshake of a few requests).
         await upkeep.admit_sockets(("ws-user-sockets:batch", "first"))
         before = (await client.info("stats"))["total_reads_processed"]
         admitted = await asyncio.gather(
