@@ -52,9 +52,9 @@ format: $(VENV)/.installed ## Rewrite the code as `make lint` wants it (ruff for
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-bench: $(VENV)/.installed ## Measure handshake cost, fan-out and capacity; write bench/results/ (about 12 min)
+bench: $(VENV)/.installed ## Measure handshake cost, a Redis round trip, fan-out and capacity; write bench/results/ (about 13 min)
 	@deploy/require.sh nginx redis-server $(POSTGRES_TOOL)
-	$(PY) -m bench.handshake && $(PY) -m bench.fanout && $(PY) -m bench.capacity
+	$(PY) -m bench.handshake && $(PY) -m bench.redis_roundtrip && $(PY) -m bench.fanout && $(PY) -m bench.capacity
 
 soak: $(VENV)/.installed ## Hold 5,000 authenticated sockets for 60 s, announce once, print memory and delivery time
 	@deploy/require.sh nginx redis-server
